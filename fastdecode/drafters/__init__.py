@@ -1,0 +1,18 @@
+"""Decoding methods by name. Each entry builds a Drafter for one LLM instance (it may keep
+memory across that instance's requests); the engine only ever sees the Drafter protocol."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastdecode.config import ModelConfig
+from fastdecode.drafters.base import Drafter, NoDraft
+
+METHODS: dict[str, Callable[[ModelConfig], Drafter]] = {
+    "ar": lambda cfg: NoDraft(),
+}
+
+
+def check_method(name: str) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return name

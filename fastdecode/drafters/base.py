@@ -1,0 +1,56 @@
+"""The Drafter protocol: every decoding method is a drafter; plain AR is the one that drafts nothing.
+
+The engine calls, per request: `begin(prompt)`, then per step `propose(context, budget)` ->
+DraftTree, then `update(step)` with what the target model said about that tree. The engine
+never branches on a method's name; a drafter never touches the target model (model-based
+drafters get an explicit handle at construction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fastdecode.tree import DraftTree
+
+
+@dataclass
+class StepResult:
+    """What one verification step decided, handed to the drafter so it can learn from it."""
+
+    root: int  # the token the tree hung from
+    tree: DraftTree
+    logits: torch.Tensor  # [len(tree) + 1, vocab] fp32, row 0 = root
+    accepted_rows: list[int]  # input rows kept (row 0 = root, then accepted draft nodes)
+    emitted: list[int]  # tokens emitted this step: accepted draft tokens + the bonus token
+
+
+class Drafter(Protocol):
+    def begin(self, prompt_ids: list[int]) -> None:
+        """A new request starts with this prompt."""
+
+    def propose(self, context: list[int], budget: int) -> DraftTree:
+        """A tree of at most `budget` nodes continuing `context` (prompt + output so far)."""
+
+    def update(self, step: StepResult) -> None:
+        """Learn from a verified step."""
+
+    def end(self, output_ids: list[int]) -> None:
+        """The request finished with this output (drafters with cross-request memory keep it)."""
+
+
+class NoDraft:
+    """Plain autoregressive decoding: an empty tree, so each step is one token."""
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        return None
+
+    def propose(self, context: list[int], budget: int) -> DraftTree:
+        return DraftTree()
+
+    def update(self, step: StepResult) -> None:
+        return None
+
+    def end(self, output_ids: list[int]) -> None:
+        return None

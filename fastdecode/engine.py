@@ -1,0 +1,112 @@
+"""The generation loop for one sequence: prefill, then steps of propose -> verify -> commit.
+
+    tokens so far --> drafter.propose --> DraftTree
+      --> model.forward(root + tree, positions = base + depth, mask = ancestors only)
+      --> verify (walk from the root) --> cache.keep(accepted rows) --> drafter.update --> text
+
+Plain AR is the same loop with a drafter that proposes nothing. The cache length is owned
+here, never inside the model.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from fastdecode.drafters.base import Drafter, StepResult
+from fastdecode.kv_cache import KVCache
+from fastdecode.model import Transformer
+from fastdecode.output import RequestOutput, TextTracker
+from fastdecode.sampling import Sampler, SamplingParams
+from fastdecode.tree import DraftTree
+from fastdecode.verify import verify
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Any, eos_ids: list[int]) -> None:
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        self.cache: KVCache = model.new_cache()  # one sequence at a time, reused across requests
+
+    def run(
+        self, prompt: str, prompt_ids: list[int], params: SamplingParams, drafter: Drafter, budget: int
+    ) -> Iterator[tuple[RequestOutput, TextTracker]]:
+        """Generate; yields after the prefill and after every step, last with finish_reason set."""
+        self._check_prompt(prompt_ids)
+        out = RequestOutput(prompt, list(prompt_ids))
+        tracker = TextTracker(self.tokenizer, params, self.eos_ids, out)
+        sampler = Sampler(params, prompt_ids, self.model.cfg.vocab_size)
+        drafter.begin(list(prompt_ids))
+        start = time.perf_counter()
+        done = self._prefill(prompt_ids, sampler, tracker)
+        out.metrics.prefill_s = time.perf_counter() - start
+        yield out, tracker
+        while not done:
+            done = self._step(out, sampler, tracker, drafter, budget)
+            out.metrics.decode_s = time.perf_counter() - start - out.metrics.prefill_s
+            yield out, tracker
+        drafter.end(list(out.token_ids))
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.cache.max_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context length {self.cache.max_len} "
+                f"(prompt + at least one generated token must fit)"
+            )
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def _prefill(self, prompt_ids: list[int], sampler: Sampler, tracker: TextTracker) -> bool:
+        self.cache.truncate(0)
+        tokens = torch.tensor(prompt_ids, dtype=torch.long)
+        logits = self.model(tokens, torch.arange(len(prompt_ids)), self.cache, last_only=True)
+        self.cache.append(len(prompt_ids))
+        token = sampler.sample(logits[0])
+        sampler.accept(token)
+        return self._emit([token], tracker)
+
+    def _step(
+        self, out: RequestOutput, sampler: Sampler, tracker: TextTracker, drafter: Drafter, budget: int
+    ) -> bool:
+        room = self.cache.max_len - self.cache.length - 1  # slots left beside the root's
+        if room < 0:
+            tracker.finish("length")
+            return True
+        context = out.prompt_token_ids + out.token_ids
+        tree = drafter.propose(context, min(budget, room))
+        if len(tree) > room:  # parents precede children, so any prefix of a tree is a tree
+            tree = DraftTree(tree.tokens[:room], tree.parents[:room])
+        root = out.token_ids[-1]
+        logits = self._forward_tree(root, tree)
+        rows, emitted = verify(logits, tree, sampler)
+        self.cache.keep(rows)
+        drafter.update(StepResult(root, tree, logits, rows, emitted))
+        out.metrics.steps += 1
+        out.metrics.drafted += len(tree)
+        return self._emit(emitted, tracker)
+
+    def _forward_tree(self, root: int, tree: DraftTree) -> torch.Tensor:
+        """One target forward over [root] + tree; returns logits [len(tree) + 1, vocab]."""
+        tokens = torch.tensor([root] + tree.tokens, dtype=torch.long)
+        if not tree:
+            return self.model(tokens, torch.tensor([self.cache.length]), self.cache)
+        positions = self.cache.length + torch.tensor(tree.depths())
+        mask = torch.ones(len(tokens), self.cache.length + len(tokens), dtype=torch.bool)
+        mask[:, self.cache.length :] = tree.ancestor_mask()
+        return self.model(tokens, positions, self.cache, mask)
+
+    @staticmethod
+    def _emit(tokens: list[int], tracker: TextTracker) -> bool:
+        """Feed emitted tokens to the stop checks; tokens after a stop are dropped, as AR never made them."""
+        for token in tokens:
+            if tracker.add(token):
+                tracker.finish()
+                tracker.out.metrics.tokens = len(tracker.out.token_ids)
+                return True
+        tracker.out.metrics.tokens = len(tracker.out.token_ids)
+        return False

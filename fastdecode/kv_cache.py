@@ -1,0 +1,64 @@
+"""Preallocated KV storage for one sequence.
+
+Layout: `k[layer, kv_head, slot, head_dim]` (same for `v`), allocated once up to `max_len`.
+`length` counts committed slots. A forward writes its n new entries into the *pending* slots
+`[length, length + n)` without committing them; the engine then either commits them all
+(`append(n)`: prefill, plain decoding) or keeps only the accepted draft path (`keep(indices)`),
+which moves the chosen pending entries into place. Rejected entries are simply overwritten
+by the next forward, as in gpt-fast's static cache.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ContextLengthError(ValueError):
+    """A sequence would not fit in the preallocated cache."""
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> None:
+        shape = (num_layers, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def check_room(self, n: int) -> None:
+        """Raise if n more pending entries would overflow the cache."""
+        if self.length + n > self.max_len:
+            raise ContextLengthError(
+                f"sequence of {self.length + n} tokens exceeds the context length {self.max_len}"
+            )
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store pending k/v `[kv_heads, n, head_dim]`; return the layer's keys/values so far."""
+        end = self.length + k.shape[1]
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def append(self, n: int) -> None:
+        """Commit all n pending entries."""
+        self.check_room(n)
+        self.length += n
+
+    def keep(self, indices: list[int]) -> None:
+        """Commit only the pending entries at `indices` (offsets into the pending block, ascending).
+
+        Example: length 10, a 6-node tree was written to slots 10..15, the accepted path is nodes
+        [0, 2, 5]: slots 10, 12, 15 move to 10, 11, 12 and length becomes 13.
+        """
+        n = len(indices)
+        if indices != list(range(n)):  # a prefix is already in place
+            src = torch.tensor(indices, dtype=torch.long) + self.length
+            dst = slice(self.length, self.length + n)
+            self.k[:, :, dst] = self.k.index_select(2, src)
+            self.v[:, :, dst] = self.v.index_select(2, src)
+        self.length += n
+
+    def truncate(self, n: int) -> None:
+        """Forget every committed entry from slot n on."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"truncate({n}): must be between 0 and the current length {self.length}")
+        self.length = n

