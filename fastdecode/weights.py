@@ -120,7 +120,7 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
             values = _unpermute_rope(values, config.num_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             values = _unpermute_rope(values, config.num_kv_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy, not a view of the mmap
     return config, state, _gguf_tokenizer(path)
 
 

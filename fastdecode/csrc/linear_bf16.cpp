@@ -97,15 +97,25 @@ void rows_x_tokens(const uint16_t* w, const float* xp, float* y, const float* bi
     case 2: if constexpr (TMAX > 2) tile<R, 2>(w, xt, yt, bias, K, N); break;
     case 3: if constexpr (TMAX > 3) tile<R, 3>(w, xt, yt, bias, K, N); break;
     case 4: if constexpr (TMAX > 4) tile<R, 4>(w, xt, yt, bias, K, N); break;
+    case 5: if constexpr (TMAX > 5) tile<R, 5>(w, xt, yt, bias, K, N); break;
+    case 6: if constexpr (TMAX > 6) tile<R, 6>(w, xt, yt, bias, K, N); break;
+    case 7: if constexpr (TMAX > 7) tile<R, 7>(w, xt, yt, bias, K, N); break;
     default: break;
   }
 }
 
-constexpr int kRows = 2;          // rows per register tile for n > 1
-constexpr int kTokens = 4;        // tokens per register tile (2*2 + 2 + 2*4 = 14 ymm)
-constexpr int kRowsSingle = 4;    // rows per tile for n == 1 (memory-bound)
-constexpr int64_t kL1Bytes = 16 * 1024;   // activation budget per token chunk
-constexpr int64_t kRowChunk = 64;         // W rows re-read from L2 per token chunk
+#ifndef FD_R
+#define FD_R 2
+#define FD_T 4
+#define FD_RS 4
+#define FD_L1 16
+#define FD_RC 64
+#endif
+constexpr int kRows = FD_R;          // rows per register tile for n > 1
+constexpr int kTokens = FD_T;        // tokens per register tile (2*2 + 2 + 2*4 = 14 ymm)
+constexpr int kRowsSingle = FD_RS;    // rows per tile for n == 1 (memory-bound)
+constexpr int64_t kL1Bytes = FD_L1 * 1024;   // activation budget per token chunk
+constexpr int64_t kRowChunk = FD_RC;         // W rows re-read from L2 per token chunk
 
 // Rows [r0, r1) (all in range) against all n tokens.
 void row_range(const uint16_t* W, const float* xp, float* y, const float* bias,

@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 from fastdecode.config import ModelConfig
 from fastdecode.drafters.base import Drafter, NoDraft
+from fastdecode.drafters.recycling import TokenRecycling
 
 METHODS: dict[str, Callable[[ModelConfig], Drafter]] = {
     "ar": lambda cfg: NoDraft(),
+    "recycling": lambda cfg: TokenRecycling(cfg.vocab_size),
 }
 
 

@@ -1,0 +1,130 @@
+"""Command line: `fastdecode generate | chat | info | bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fastdecode.drafters import METHODS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="ar", help=f"decoding method: {', '.join(METHODS)}")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdecode", description="Lossless fast LLM decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as one user message (chat template)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, finish_reason, metrics")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    chat = sub.add_parser("chat", help="interactive chat, streamed")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    info = sub.add_parser("info", help="architecture, sizes, dtype, threads")
+    _add_model_args(info)
+    try:
+        from fastdecode.bench import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def _sampling(args: argparse.Namespace):
+    from fastdecode import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+def _llm(args: argparse.Namespace):
+    from fastdecode import LLM
+
+    return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    if args.json:
+        out = llm.generate(prompt, params, method=args.method)[0]
+        record = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                  "metrics": out.metrics.as_dict()}
+        print(json.dumps(record))
+        return 0
+    for piece in llm.stream(prompt, params, method=args.method):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("fastdecode chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in llm.stream(llm.apply_chat_template(messages), params, method=args.method):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    for key, value in _llm(args).info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    if args.command == "bench":
+        from fastdecode.bench import run_bench
+
+        return run_bench(args)
+    try:
+        if args.command != "info" and args.method not in METHODS:
+            raise ValueError(f"unknown method {args.method!r}; known methods: {', '.join(METHODS)}")
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fastdecode: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Token Recycling (Luo et al. 2024, "Turning Trash into Treasure: Accelerating Inference of
+Large Language Models with Token Recycling"): draft from an adjacency matrix of recycled
+candidate tokens.
+
+The matrix `successors[token]` holds the top-k tokens the target model predicted after
+`token` the last time it scored it. Every verification forward scores every tree node, the
+rejected ones too, so each step refreshes up to `len(tree) + 1` rows for free: row i's top-k
+becomes the successor list of the token at row i. Drafting walks a static tree template from
+the root through the matrix: a template node (parent, rank) carries the rank-th successor of
+its parent's token.
+
+The template for a budget of n nodes is the best n-node tree under a per-rank hit rate p[r]
+(the chance that the target's next token is the rank-r successor): nodes are taken in order of
+their path probability prod(p[rank]) with a heap, so every sub-template is closed under
+parents. p[r] starts from a prior and is re-estimated from the accepted paths, so the shape
+(wide at the top, deep along rank 0) follows the model and task; the paper uses one fixed
+hand-made 80-node tree.
+
+The matrix persists across the requests of an LLM instance (the paper's "recycling" across
+queries); `save` / `load` keep it across processes. Unknown rows (-1) prune their subtree.
+"""
+from __future__ import annotations
+
+import heapq
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdecode.drafters.base import StepResult
+from fastdecode.tree import DraftTree
+
+UNKNOWN = -1
+# Prior hit rate of the rank-r successor; measured rates replace it as steps accumulate.
+PRIOR_RANK_HITS = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
+PRIOR_WEIGHT = 20.0  # pseudo-observations behind the prior
+MAX_DEPTH = 12
+RETEMPLATE_EVERY = 64  # steps between re-estimates of the rank hit rates
+
+
+def build_template(rank_hits: list[float], size: int, max_depth: int = MAX_DEPTH) -> list[tuple[int, int]]:
+    """The `size` most probable nodes as (parent index or -1, rank), parents first, breadth-first.
+
+    Worked example, rank_hits = [0.5, 0.2], size 4: candidates by path probability are
+    r0 (.5), r0.r0 (.25), r1 (.2), r0.r0.r0 (.125) -> [(-1, 0), (-1, 1), (0, 0), (2, 0)].
+    """
+    heap: list[tuple[float, int, int, int, int]] = []  # (-prob, order, parent pick, rank, depth)
+    order = 0
+    for rank, hit in enumerate(rank_hits):
+        heap.append((-hit, order, -1, rank, 1))
+        order += 1
+    heapq.heapify(heap)
+    picked: list[tuple[int, int, int]] = []  # (parent pick index, rank, depth) in pick order
+    while heap and len(picked) < size:
+        neg_prob, _, parent, rank, depth = heapq.heappop(heap)
+        picked.append((parent, rank, depth))
+        if depth < max_depth:
+            for child_rank, hit in enumerate(rank_hits):
+                heapq.heappush(heap, (neg_prob * hit, order, len(picked) - 1, child_rank, depth + 1))
+                order += 1
+    by_depth = sorted(range(len(picked)), key=lambda i: (picked[i][2], i))  # stable: parents first
+    new_index = {old: new for new, old in enumerate(by_depth)}
+    return [(new_index[picked[i][0]] if picked[i][0] >= 0 else -1, picked[i][1]) for i in by_depth]
+
+
+class TokenRecycling:
+    """Drafter: walk a budget-sized BFS template from the root through the successor matrix."""
+
+    def __init__(self, vocab_size: int, k: int = 8) -> None:
+        if k < 1 or k > vocab_size:
+            raise ValueError(f"k={k} successors per token must be in [1, vocab_size={vocab_size}]")
+        self.vocab_size, self.k = vocab_size, k
+        self.successors = np.full((vocab_size, k), UNKNOWN, dtype=np.int64)  # [vocab, k]
+        self.rank_hits = np.zeros(k)  # accepted-path observations per rank
+        self.rank_trials = 0
+        self.steps = 0
+        self._templates: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    # -- Drafter protocol --------------------------------------------------------------------
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Seed rows never scored by the model with the prompt's own bigrams (last one wins)."""
+        if len(prompt_ids) < 2:
+            return
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        prev, nxt = prompt[:-1], prompt[1:]
+        fresh = self.successors[prev, 0] == UNKNOWN
+        self.successors[prev[fresh], 0] = nxt[fresh]
+
+    def propose(self, context: list[int], budget: int) -> DraftTree:
+        if budget <= 0:
+            return DraftTree()
+        tokens = np.full(1, context[-1], dtype=np.int64)  # tokens of the previous depth's nodes
+        alive = np.ones(1, dtype=bool)
+        out_tokens: list[int] = []
+        out_parents: list[int] = []
+        offset = -1  # draft index of the previous depth's first node (-1: the root)
+        for parents, ranks in self._template(budget):
+            # parents index the previous depth's nodes; a node lives if its parent did and is known
+            child = self.successors[tokens[parents], ranks]
+            child_alive = alive[parents] & (child != UNKNOWN)
+            keep = np.flatnonzero(child_alive)
+            if keep.size == 0:
+                break
+            # draft index of every previous-depth node, -1 where it was pruned
+            prev_index = self._prev_draft_index(alive, offset)
+            start = len(out_tokens)
+            out_tokens.extend(child[keep].tolist())
+            out_parents.extend(prev_index[parents[keep]].tolist())
+            tokens, alive, offset = child, child_alive, start
+        return DraftTree(out_tokens, out_parents)
+
+    def update(self, step: StepResult) -> None:
+        row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
+        self._count_rank_hits(row_tokens, step)
+        top = step.logits.topk(self.k, dim=-1).indices.numpy()  # [len(tree) + 1, k]
+        self.successors[row_tokens] = top
+        accepted = np.asarray(step.accepted_rows)
+        self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
+        self.steps += 1
+        if self.steps % RETEMPLATE_EVERY == 0:
+            self._templates.clear()
+
+    def end(self, output_ids: list[int]) -> None:
+        return None
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        torch.save({"successors": torch.from_numpy(self.successors), "rank_hits": torch.from_numpy(self.rank_hits),
+                    "rank_trials": self.rank_trials}, str(path))
+
+    def load(self, path: str | Path) -> None:
+        state = torch.load(str(path), weights_only=True)
+        successors = state["successors"].numpy()
+        if successors.shape != self.successors.shape:
+            raise ValueError(
+                f"{path} holds a successor matrix of shape {tuple(successors.shape)}; "
+                f"this drafter needs {tuple(self.successors.shape)} (vocab_size, k)"
+            )
+        self.successors = successors.astype(np.int64, copy=True)
+        self.rank_hits = state["rank_hits"].numpy().astype(np.float64, copy=True)
+        self.rank_trials = int(state["rank_trials"])
+        self._templates.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+    def rank_hit_rates(self) -> list[float]:
+        """Estimated chance that the target's next token is the rank-r successor."""
+        prior = np.asarray(PRIOR_RANK_HITS[: self.k] + (0.01,) * max(0, self.k - len(PRIOR_RANK_HITS)))
+        rates = (self.rank_hits + PRIOR_WEIGHT * prior) / (self.rank_trials + PRIOR_WEIGHT)
+        return [min(float(r), 0.95) for r in rates]
+
+    def _template(self, budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per depth: (parent's position within the previous depth, rank) arrays."""
+        if budget not in self._templates:
+            nodes = build_template(self.rank_hit_rates(), budget)
+            depth_of: list[int] = []
+            position: list[int] = []  # index within its depth
+            levels: list[tuple[list[int], list[int]]] = []
+            for parent, rank in nodes:
+                depth = 0 if parent < 0 else depth_of[parent] + 1
+                if depth == len(levels):
+                    levels.append(([], []))
+                position.append(len(levels[depth][0]))
+                depth_of.append(depth)
+                levels[depth][0].append(0 if parent < 0 else position[parent])
+                levels[depth][1].append(rank)
+            self._templates[budget] = [
+                (np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)) for p, r in levels
+            ]
+        return self._templates[budget]
+
+    @staticmethod
+    def _prev_draft_index(alive: np.ndarray, offset: int) -> np.ndarray:
+        """Draft index of each previous-depth node (compacted after pruning); -1 for the root."""
+        if offset < 0:
+            return np.full(alive.shape, -1, dtype=np.int64)
+        index = np.cumsum(alive) - 1 + offset
+        return np.where(alive, index, -2)
+
+    def _count_rank_hits(self, row_tokens: np.ndarray, step: StepResult) -> None:
+        """At every accepted row, which rank of its (pre-update) successor list the target chose."""
+        rows = step.accepted_rows
+        chosen = np.asarray(step.emitted[: len(rows)], dtype=np.int64)
+        lists = self.successors[row_tokens[rows]]  # [len(rows), k]
+        known = lists[:, 0] != UNKNOWN
+        hits = (lists == chosen[:, None]) & known[:, None]
+        self.rank_hits += hits.sum(axis=0)
+        self.rank_trials += int(known.sum())

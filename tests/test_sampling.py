@@ -1,0 +1,125 @@
+"""Sampling behaviour: seeds, excluded tokens, penalties, stop strings, streaming."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode import SamplingParams
+from fastdecode.sampling import Sampler
+
+PROMPT = "Once upon a time"
+
+
+def test_same_seed_same_output_and_different_seed_differs(tiny_llm) -> None:
+    p = SamplingParams(max_tokens=24, temperature=1.0, seed=123)
+    a = tiny_llm.generate(PROMPT, p)[0].token_ids
+    b = tiny_llm.generate(PROMPT, p)[0].token_ids
+    c = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=24, temperature=1.0, seed=124))[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def _allowed(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    probs = Sampler(params, [], logits.shape[0]).probs(logits)
+    return set(torch.nonzero(probs > 0).flatten().tolist())
+
+
+def test_top_k_top_p_min_p_never_emit_an_excluded_token() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    order = torch.argsort(logits, descending=True).tolist()
+    probs = torch.softmax(logits, -1)
+    assert _allowed(logits, SamplingParams(temperature=1.0, top_k=5)) == set(order[:5])
+    cum = torch.cumsum(probs[order], 0)
+    nucleus = set(order[: int((cum < 0.6).sum()) + 1])
+    assert 1 < len(nucleus) < 50
+    assert _allowed(logits, SamplingParams(temperature=1.0, top_p=0.6)) == nucleus
+    assert _allowed(logits, SamplingParams(temperature=1.0, min_p=0.2)) == set(
+        torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist()
+    )
+    for params, allowed in [
+        (SamplingParams(temperature=1.5, top_k=3, seed=1), set(order[:3])),
+        (SamplingParams(temperature=1.0, top_p=0.6, seed=2), nucleus),
+    ]:
+        sampler = Sampler(params, [], 50)
+        drawn = {sampler.sample(logits) for _ in range(300)}
+        assert drawn <= allowed and len(drawn) > 1
+
+
+def test_samples_follow_the_processed_distribution() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    sampler = Sampler(SamplingParams(temperature=0.7, seed=5), [], 5)
+    counts = torch.bincount(torch.tensor([sampler.sample(logits) for _ in range(4000)]), minlength=5).float()
+    expected = torch.softmax(logits / 0.7, -1)
+    assert (counts / 4000 - expected).abs().max() < 0.03
+
+
+def test_repetition_and_frequency_penalties_change_the_greedy_choice() -> None:
+    logits = torch.tensor([3.0, 2.9, 0.0])
+    plain = Sampler(SamplingParams(temperature=0), [0], 3)
+    assert plain.sample(logits) == 0
+    assert Sampler(SamplingParams(temperature=0, repetition_penalty=1.2), [0], 3).sample(logits) == 1
+    freq = Sampler(SamplingParams(temperature=0, frequency_penalty=0.5), [], 3)
+    freq.accept(0)
+    assert freq.sample(logits) == 1
+
+
+def test_stop_string_is_cut_and_finish_reason_stop(tiny_llm) -> None:
+    full = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = full.text[10:13]
+    assert len(stop) == 3 and "\ufffd" not in stop
+    cut = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+
+
+def test_stop_token_and_eos_end_the_output(tiny_llm) -> None:
+    full = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0))[0]
+    stop_id = full.token_ids[7]
+    first = full.token_ids.index(stop_id)
+    out = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+
+
+def test_streamed_deltas_concatenate_to_the_full_text(tiny_llm) -> None:
+    for params in [
+        SamplingParams(max_tokens=40, temperature=0),
+        SamplingParams(max_tokens=40, temperature=0.9, seed=7),
+    ]:
+        full = tiny_llm.generate(PROMPT, params)[0].text
+        assert "".join(tiny_llm.stream(PROMPT, params)) == full
+
+
+def test_stream_never_splits_a_utf8_character_and_holds_back_stop_strings(tiny_llm) -> None:
+    # byte tokenizer: every non-ASCII character spans several tokens
+    ids = tiny_llm.tokenizer.encode("héllo wörld ✓ 你好")
+    from fastdecode.output import RequestOutput, TextTracker
+
+    out = RequestOutput("", [])
+    tracker = TextTracker(tiny_llm.tokenizer, SamplingParams(max_tokens=50, stop=["wörld"]), [], out)
+    shown = []
+    for token in ids:
+        done = tracker.add(token)
+        if done:
+            tracker.finish()
+        shown.append(tracker.delta())
+        if done:
+            break
+    assert all("\ufffd" not in s for s in shown)
+    assert "".join(shown) == "héllo " and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.5},
+        {"max_tokens": 0}, {"repetition_penalty": 0.0}, {"presence_penalty": 3.0}, {"stop": [""]},
+        {"stop_token_ids": [-1]},
+    ],
+)
+def test_invalid_sampling_values_name_the_field(kwargs: dict) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"invalid {name}="):
+        SamplingParams(**kwargs)
