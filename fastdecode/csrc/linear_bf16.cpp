@@ -63,8 +63,11 @@ inline void tile(const uint16_t* w, const float* xp, float* y, const float* bias
     }
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      const __m256 xe = _mm256_loadu_ps(xp + t * K + k);
-      const __m256 xo = _mm256_loadu_ps(xp + t * K + k + 8);
+      __m256 xe = _mm256_loadu_ps(xp + t * K + k);
+      __m256 xo = _mm256_loadu_ps(xp + t * K + k + 8);
+#ifdef FD_XREG
+      asm("" : "+x"(xe), "+x"(xo));
+#endif
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         acc[r][t] = _mm256_fmadd_ps(e[r], xe, acc[r][t]);

@@ -108,12 +108,14 @@ class Aded:
     def _learn_rejected(self, step: StepResult) -> None:
         """The target's top-1 at every tree row off the accepted path, in that row's context."""
         accepted = set(step.accepted_rows)
-        top1 = step.logits.argmax(dim=-1).tolist()
+        rejected = [row for row in range(1, len(step.tree) + 1) if row not in accepted]
+        if not rejected:
+            return
+        top1 = step.logits[rejected].argmax(dim=-1).tolist()
         tokens = [step.root] + step.tree.tokens
-        for row in range(1, len(tokens)):
-            if row not in accepted:
-                parent_row = step.tree.parents[row - 1] + 1
-                self.observe(tokens[parent_row], tokens[row], top1[row])
+        for row, predicted in zip(rejected, top1):
+            parent_row = step.tree.parents[row - 1] + 1
+            self.observe(tokens[parent_row], tokens[row], predicted)
 
     # -- the search ----------------------------------------------------------------------------
     def _simulate(self, root: _SearchNode, tree: DraftTree) -> None:

@@ -1,0 +1,73 @@
+"""End-to-end on the real default model (SmolLM2-135M-Instruct GGUF): greedy fp32 tokens equal
+transformers' greedy `generate` on the same file, chat template and CLI work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdecode import SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "List three fruits that are red.",
+    "Explain gravity to a child in two sentences.",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from fastdecode.weights import default_model_path
+
+    path = Path(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def test_greedy_fp32_tokens_equal_transformers_generate(default_llm_fp32, hf_model) -> None:
+    for prompt in PROMPTS:
+        ids = default_llm_fp32.apply_chat_template([{"role": "user", "content": prompt}])
+        ours = default_llm_fp32.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))[0]
+        with torch.no_grad():
+            ref = hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=default_llm_fp32.eos_ids,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )[0, len(ids):].tolist()
+        assert ours.token_ids == ref, prompt
+
+
+def test_chat_answers_and_stops_at_end_of_turn(default_llm_fp32) -> None:
+    out = default_llm_fp32.chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        SamplingParams(max_tokens=32, temperature=0),
+    )[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop" and out.token_ids[-1] in default_llm_fp32.eos_ids
+    assert out.metrics.steps == len(out.token_ids) - 1 and out.metrics.accepted_per_step == 1.0
+
+
+def test_cli_generate_json_and_info() -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run(
+        [sys.executable, "-m", "fastdecode.cli", "generate", "Name a color.", "--chat", "--json", "--max-tokens", "8",
+         "--threads", "2"],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(record) == {"text", "token_ids", "finish_reason", "metrics"}
+    assert 1 <= len(record["token_ids"]) <= 8 and record["finish_reason"] in ("stop", "length")
+    info = subprocess.run([sys.executable, "-m", "fastdecode.cli", "info"], capture_output=True, text=True, env=env,
+                          check=True).stdout
+    assert "architecture: llama" in info and "layers: 30" in info and "dtype: bfloat16" in info
+    bad = subprocess.run([sys.executable, "-m", "fastdecode.cli", "generate", "x", "--top-p", "2"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "invalid top_p=2.0" in bad.stderr and "Traceback" not in bad.stderr

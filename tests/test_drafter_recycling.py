@@ -1,0 +1,142 @@
+"""Token Recycling: the successor matrix learns from every scored row, drafts walk it through a
+budget-sized template, the matrix survives save/load, and greedy output equals AR."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastdecode import SamplingParams
+from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template
+from fastdecode.tree import DraftTree
+
+VOCAB = 50
+
+
+def ranked_logits(rows: list[list[int]], vocab: int = VOCAB) -> torch.Tensor:
+    """`[len(rows), vocab]` logits whose top tokens per row are `rows[i]`, best first."""
+    logits = torch.zeros(len(rows), vocab)
+    for i, ranked in enumerate(rows):
+        for rank, token in enumerate(ranked):
+            logits[i, token] = 10.0 - rank
+    return logits
+
+
+def test_template_is_the_most_probable_subtree() -> None:
+    assert build_template([0.5, 0.2], 4) == [(-1, 0), (-1, 1), (0, 0), (2, 0)]
+    for size in (1, 5, 16, 60):
+        nodes = build_template([0.5, 0.2, 0.1, 0.05], size)
+        assert len(nodes) == size
+        assert all(-1 <= parent < i for i, (parent, _) in enumerate(nodes))
+    small, large = build_template([0.5, 0.2, 0.1], 6), build_template([0.5, 0.2, 0.1], 12)
+    paths = lambda nodes: {_path(nodes, i) for i in range(len(nodes))}  # noqa: E731
+    assert paths(small) <= paths(large)  # a larger budget only adds nodes
+
+
+def _path(nodes: list[tuple[int, int]], i: int) -> tuple[int, ...]:
+    ranks = []
+    while i >= 0:
+        ranks.append(nodes[i][1])
+        i = nodes[i][0]
+    return tuple(reversed(ranks))
+
+
+def test_matrix_rows_come_from_every_scored_row() -> None:
+    drafter = TokenRecycling(VOCAB, k=3)
+    tree = DraftTree([5, 6], [-1, 0])  # root 4 -> 5 -> 6
+    logits = ranked_logits([[5, 7, 8], [9, 10, 11], [12, 13, 14]])
+    # the target chose 5 at the root, then 9 (not 6): row 2 was rejected but is still recycled
+    drafter.update(StepResult(4, tree, logits, [0, 1], [5, 9]))
+    assert drafter.successors[4].tolist() == [5, 7, 8]
+    assert drafter.successors[5].tolist() == [9, 10, 11]
+    assert drafter.successors[6].tolist() == [12, 13, 14]
+
+
+def test_accepted_context_wins_when_a_token_repeats() -> None:
+    drafter = TokenRecycling(VOCAB, k=2)
+    tree = DraftTree([5, 7, 5], [-1, -1, 1])  # token 5 twice: rejected row 1, accepted row 3
+    logits = ranked_logits([[7, 1], [20, 21], [5, 2], [30, 31]])
+    drafter.update(StepResult(4, tree, logits, [0, 2, 3], [7, 5, 30]))
+    assert drafter.successors[5].tolist() == [30, 31]
+
+
+def test_propose_walks_the_matrix_from_the_root() -> None:
+    drafter = TokenRecycling(VOCAB, k=3)
+    drafter.successors[1] = [2, 3, 4]
+    drafter.successors[2] = [5, 6, 7]
+    drafter.successors[5] = [8, 9, 10]
+    tree = drafter.propose([0, 1], 3)
+    assert sorted(tree.paths()) == [[2, 5], [3]]  # rank 0 twice (.45 * .45) beats rank 1 (.12)
+    chain = drafter.propose([0, 1], 12)
+    assert [2, 5, 8] in [p[:3] for p in chain.paths()]  # rank 0 is followed deepest
+    assert set(chain.tokens[:3]) <= {2, 3, 4}
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 5, 16, 40])
+def test_budget_respected_and_tree_valid(budget: int) -> None:
+    drafter = TokenRecycling(VOCAB, k=4)
+    rng = np.random.default_rng(0)
+    drafter.successors[:] = np.stack([rng.permutation(VOCAB)[:4] for _ in range(VOCAB)])
+    tree = drafter.propose([3, 1], budget)
+    assert len(tree) == budget  # a full matrix fills the template exactly
+    DraftTree(tree.tokens, tree.parents)  # re-validates parents
+    for kids in tree.children():
+        assert len(kids) == len(set(kids))
+
+
+def test_unknown_rows_prune_the_template() -> None:
+    drafter = TokenRecycling(VOCAB, k=4)
+    assert len(drafter.propose([1], 16)) == 0
+    drafter.successors[1, 0] = 2  # one known successor, nothing known after it
+    tree = drafter.propose([1], 16)
+    assert tree.tokens == [2] and tree.parents == [-1]
+
+
+def test_prompt_bigrams_seed_only_unknown_rows() -> None:
+    drafter = TokenRecycling(VOCAB, k=2)
+    drafter.successors[3] = [40, 41]
+    drafter.begin([1, 2, 3, 4])
+    assert drafter.successors[1, 0] == 2 and drafter.successors[2, 0] == 3
+    assert drafter.successors[3].tolist() == [40, 41]  # the model's own list is kept
+    assert drafter.successors[4, 0] == UNKNOWN
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    drafter = TokenRecycling(VOCAB, k=3)
+    drafter.update(StepResult(4, DraftTree([5], [-1]), ranked_logits([[5, 7, 8], [9, 10, 11]]), [0, 1], [5, 9]))
+    drafter.save(tmp_path / "matrix.pt")
+    restored = TokenRecycling(VOCAB, k=3)
+    restored.load(tmp_path / "matrix.pt")
+    assert np.array_equal(restored.successors, drafter.successors)
+    assert restored.rank_hit_rates() == drafter.rank_hit_rates()
+    assert restored.propose([4], 8).tokens == drafter.propose([4], 8).tokens
+    with pytest.raises(ValueError, match="vocab_size, k"):
+        TokenRecycling(VOCAB, k=4).load(tmp_path / "matrix.pt")
+
+
+def test_rank_hit_rates_follow_accepted_paths() -> None:
+    drafter = TokenRecycling(VOCAB, k=2)
+    drafter.successors[4] = [5, 6]
+    before = drafter.rank_hit_rates()
+    for _ in range(50):  # the target always picks the rank-1 successor of 4
+        drafter.update(StepResult(4, DraftTree(), ranked_logits([[5, 6]]), [0], [6]))
+        drafter.successors[4] = [5, 6]
+    after = drafter.rank_hit_rates()
+    assert after[1] > before[1] and after[0] < before[0]
+
+
+@pytest.mark.parametrize("budget", [3, 16])
+def test_greedy_output_equals_ar(tiny_llm, budget: int) -> None:
+    prompts = ["hello hello hello", "the cat sat on the mat. the cat", "abcabcabc", "Q: 2+2?"]
+    params = SamplingParams(max_tokens=48, temperature=0)
+    saved = tiny_llm.draft_budget
+    tiny_llm.draft_budget = budget
+    try:
+        ar = tiny_llm.generate(prompts, params, method="ar")
+        for _ in range(2):  # the second pass drafts from a matrix filled by the first
+            out = tiny_llm.generate(prompts, params, method="recycling")
+            assert [o.token_ids for o in out] == [o.token_ids for o in ar]
+    finally:
+        tiny_llm.draft_budget = saved
+    assert sum(o.metrics.steps for o in out) < sum(o.metrics.steps for o in ar)
