@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from fastdecode.drafters import METHODS, check_method
-from fastdecode.drafters.base import Drafter
+from fastdecode.cost import CostCurve
+from fastdecode.drafters.base import Drafter, DrafterEnv
 from fastdecode.engine import Engine
 from fastdecode.model import build_model
 from fastdecode.output import RequestOutput
@@ -52,6 +53,7 @@ class LLM:
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids)
         self._drafters: dict[str, Drafter] = {}
+        self._cost_curve: CostCurve | None = None
 
     def generate(
         self, prompts: str | Sequence[str] | Sequence[list[int]], params: SamplingParams | None = None,
@@ -105,8 +107,14 @@ class LLM:
         """The drafter for `method`, created once per LLM so it can remember across requests."""
         check_method(method)
         if method not in self._drafters:
-            self._drafters[method] = METHODS[method](self.config)
+            self._drafters[method] = METHODS[method](DrafterEnv(self.config, self.forward_cost))
         return self._drafters[method]
+
+    def forward_cost(self, n: int) -> float:
+        """Measured time of an n-token forward over a 1-token one (measured on first use, cached on disk)."""
+        if self._cost_curve is None:
+            self._cost_curve = CostCurve.cached(self.model, f"{self.model_path}|{self.dtype}")
+        return self._cost_curve(n)
 
     def _run(self, prompt: str | list[int], params: SamplingParams | None, method: str) -> Iterator[Any]:
         params = params or SamplingParams()

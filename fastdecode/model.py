@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
+from fastdecode.kernels import bf16_linear, bf16_linear_available
 from fastdecode.kv_cache import KVCache
 
 
@@ -54,10 +55,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementation does, whatever the weight dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with fp32 activations and W stored as float32 or bfloat16.
+
+    bf16 weights go through the hand-written AVX2 kernel when it is available: on CPUs without
+    native bf16 math torch's bf16 GEMM costs ~n times its 1-row time for n rows (see kernels.py).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        if bf16_linear_available():
+            return bf16_linear(x, self.weight, self.bias)
+        y = F.linear(x.to(self.weight.dtype), self.weight).float()  # slow where the CPU lacks bf16 math
+        return y if self.bias is None else y + self.bias
 
 
 class Block(nn.Module):
@@ -66,11 +85,11 @@ class Block(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
-        self.o = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias)
+        self.o = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(
         self,
@@ -121,15 +140,14 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
         cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def new_cache(self) -> KVCache:
-        dtype = self.embed.weight.dtype
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, dtype)
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, torch.float32)
 
     @torch.inference_mode()
     def forward(
@@ -145,9 +163,8 @@ class Transformer(nn.Module):
         cache.check_room(n)
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
-        dtype = self.embed.weight.dtype
-        cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
-        x = self.embed(tokens)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed(tokens).float()
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, mask)
         if last_only:
@@ -160,14 +177,18 @@ class Transformer(nn.Module):
             fused = fuse_hf_state(state, self.cfg)
         except KeyError as exc:
             raise ValueError(f"checkpoint lacks tensor {exc.args[0]!r} for a {self.cfg.architecture} model") from exc
+        # matrices are stored in `dtype`; norms, biases and all activations stay fp32
+        fused = {k: v.to(dtype if v.dim() == 2 else torch.float32) for k, v in fused.items()}
         self.load_state_dict(fused, strict=False, assign=True)
-        self.to(dtype)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
 
 
 def fuse_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Map Hugging Face parameter names onto this module's fused layout."""
     out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
-    out["lm_head.weight"] = state.get("lm_head.weight", out["embed.weight"])
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."

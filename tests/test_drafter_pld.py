@@ -75,8 +75,8 @@ def test_a_context_that_is_not_a_continuation_is_reindexed() -> None:
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="min_ngram"):
         PromptLookupDrafter(max_ngram=2, min_ngram=3)
-    with pytest.raises(ValueError, match="confidence"):
-        PromptLookupDrafter(confidence={2: 1.0})
+    with pytest.raises(ValueError, match="max_matches"):
+        PromptLookupDrafter(max_matches=0)
 
 
 def test_greedy_generation_equals_ar(tiny_llm) -> None:

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastdecode.config import ModelConfig
-from fastdecode.drafters.base import Drafter, NoDraft
+from fastdecode.drafters.auto import AutoDrafter
+from fastdecode.drafters.base import Drafter, DrafterEnv, NoDraft
 from fastdecode.drafters.aded import Aded
 from fastdecode.drafters.lookahead import Lookahead
 from fastdecode.drafters.ngram import PromptLookupDrafter
 from fastdecode.drafters.recycling import TokenRecycling
 from fastdecode.drafters.suffix import SuffixDrafter
 
-METHODS: dict[str, Callable[[ModelConfig], Drafter]] = {
-    "ar": lambda cfg: NoDraft(),
-    "recycling": lambda cfg: TokenRecycling(cfg.vocab_size),
-    "aded": lambda cfg: Aded(),
-    "lookahead": lambda cfg: Lookahead(),
-    "pld": lambda cfg: PromptLookupDrafter(),
-    "suffix": lambda cfg: SuffixDrafter(),
+METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
+    "ar": lambda env: NoDraft(),
+    "recycling": lambda env: TokenRecycling(env.config.vocab_size),
+    "aded": lambda env: Aded(),
+    "lookahead": lambda env: Lookahead(),
+    "pld": lambda env: PromptLookupDrafter(),
+    "suffix": lambda env: SuffixDrafter(),
+    "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in AUTO_MEMBERS}, env.cost),
 }
+# Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its
+# Jacobi window only advances when its own window rows are verified.
+AUTO_MEMBERS = ("suffix", "pld", "recycling", "aded")
 
 
 def check_method(name: str) -> str:

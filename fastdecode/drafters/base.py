@@ -7,12 +7,22 @@ drafters get an explicit handle at construction).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from fastdecode.config import ModelConfig
 from fastdecode.tree import DraftTree
+
+
+@dataclass
+class DrafterEnv:
+    """What a drafter may know when it is built: the model's shape and this machine's cost curve."""
+
+    config: ModelConfig
+    cost: Callable[[int], float]  # time of an n-token forward over a 1-token one (measured lazily)
 
 
 @dataclass

@@ -7,11 +7,12 @@ positions right after its occurrences, so a step costs O(new tokens), never a re
 context. At propose time the longest suffix n-gram that occurred before is looked up, and the
 continuations of several distinct occurrences (most recent first, longer n-grams before shorter
 ones) are merged into a trie. Each trie node gets a score, an estimate of the chance that the
-target accepts it: every match m (found with an n_m-gram) is taken as the right source with a
-share proportional to confidence(n_m), and a source copied right to depth d with chance
-confidence(n_m) ** d, so
+target accepts it. A match's real length L (how far back it agrees with the context, which may
+exceed max_ngram) sets the chance match_confidence(L) that its next token is right; once that
+token is accepted the match is one longer, so a node at depth d along a match is right with
+chance c(L) c(L+1) ... c(L+d-1). Matches share the root in proportion to c(L), so
 
-    score(node) = sum over matches m through node of share(m) * confidence(n_m) ** depth(node)
+    score(node) = sum over matches m through node of share(m) * prod_{j<depth} c(L_m + j)
 
 It falls strictly along every path, so the `budget` best nodes always form a valid tree (every
 parent outranks its children): a small budget keeps the most agreed-on, shallowest tokens.
@@ -23,9 +24,15 @@ from dataclasses import dataclass, field
 from fastdecode.drafters.base import StepResult
 from fastdecode.tree import DraftTree
 
-# Per-token chance that a copied continuation is what the target says, by the length of the
-# matched n-gram; measured on SmolLM2-135M chat answers (Spec-Bench prompts, greedy).
-DEFAULT_CONFIDENCE = {1: 0.35, 2: 0.55, 3: 0.65, 4: 0.7}
+# Chance that the target's next token is the one that followed an earlier occurrence of the
+# context's last L tokens, by L (index L; the last value holds for longer matches). Measured on
+# SmolLM2-135M greedy chat answers to Spec-Bench prompts: L = 1: 0.18, 2: 0.38, 3: 0.6, 4: 0.75,
+# 8-15: 0.87, 16+: 0.93. Also used by the suffix drafter.
+MATCH_CONFIDENCE = (0.0, 0.2, 0.4, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+def match_confidence(match_len: int) -> float:
+    return MATCH_CONFIDENCE[min(match_len, len(MATCH_CONFIDENCE) - 1)]
 
 
 @dataclass
@@ -43,8 +50,7 @@ class PromptLookupDrafter:
         min_ngram: int = 1,
         max_matches: int = 8,
         max_continuation: int = 10,
-        min_score: float = 0.15,
-        confidence: dict[int, float] | None = None,
+        min_score: float = 0.3,
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
@@ -53,12 +59,6 @@ class PromptLookupDrafter:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_matches, self.max_continuation = max_matches, max_continuation
         self.min_score = min_score
-        self.confidence = {**DEFAULT_CONFIDENCE, **(confidence or {})}
-        for n in range(min_ngram, max_ngram + 1):
-            self.confidence.setdefault(n, max(self.confidence.values()))
-        bad = {n: c for n, c in self.confidence.items() if not 0 < c < 1}
-        if bad:  # scores must fall strictly from parent to child for the top-k pruning
-            raise ValueError(f"confidence values must be in (0, 1); got {bad}")
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions right after it
 
@@ -97,7 +97,7 @@ class PromptLookupDrafter:
                 index.setdefault(tuple(tokens[end - n :]), []).append(end)
 
     def _matches(self) -> list[tuple[int, int]]:
-        """(continuation start, n-gram length) of up to max_matches earlier occurrences of the
+        """(continuation start, match length) of up to max_matches earlier occurrences of the
         context's suffix n-grams: longest n first, most recent first, distinct starts."""
         tokens, end = self.tokens, len(self.tokens)
         found: list[tuple[int, int]] = []
@@ -107,34 +107,43 @@ class PromptLookupDrafter:
             for start in reversed(positions):
                 if start < end and start not in starts:  # the suffix itself has no continuation
                     starts.add(start)
-                    found.append((start, n))
+                    found.append((start, self._match_length(start, n)))
                     if len(found) == self.max_matches:
                         return found
         return found
+
+    def _match_length(self, start: int, known: int) -> int:
+        """How many tokens before `start` agree with the end of the context (`known` are known
+        to), counted as far as match_confidence tells lengths apart."""
+        tokens, end, longest = self.tokens, len(self.tokens), min(start, len(MATCH_CONFIDENCE) - 1)
+        length = known
+        while length < longest and tokens[start - 1 - length] == tokens[end - 1 - length]:
+            length += 1
+        return length
 
     def _trie(self, matches: list[tuple[int, int]]) -> list[_TrieNode]:
         """Merge the matches' continuations into a trie and score its nodes."""
         tokens, nodes = self.tokens, []
         root_children: dict[int, int] = {}
-        total = sum(self.confidence[n] for _, n in matches)
-        for start, n in matches:
-            conf = self.confidence[n]
-            share, children, parent = conf / total, root_children, -1
-            for depth, token in enumerate(tokens[start : start + self.max_continuation], start=1):
+        total = sum(match_confidence(length) for _, length in matches)
+        for start, length in matches:
+            score, children, parent = match_confidence(length) / total, root_children, -1
+            for depth, token in enumerate(tokens[start : start + self.max_continuation]):
+                score *= match_confidence(length + depth)
                 node = children.get(token)
                 if node is None:
                     node = len(nodes)
                     children[token] = node
                     nodes.append(_TrieNode(token, parent))
-                nodes[node].score += share * conf**depth
+                nodes[node].score += score
                 children, parent = nodes[node].children, node
         return nodes
 
     def _best_nodes(self, nodes: list[_TrieNode], budget: int) -> DraftTree:
-        """The `budget` highest-scoring trie nodes, as a DraftTree with parents first.
+        """The `budget` highest-scoring trie nodes (score >= min_score), parents first.
 
-        Scores fall strictly from parent to child, so any top-k by score is closed under parents,
-        and sorting the kept nodes by creation order (parents are created first) is a valid order.
+        Scores fall strictly from parent to child (every confidence is < 1), so any top-k by
+        score is closed under parents, and trie order (parents are created first) is valid.
         """
         ranked = sorted(range(len(nodes)), key=lambda i: -nodes[i].score)
         keep = sorted(i for i in ranked[:budget] if nodes[i].score >= self.min_score)

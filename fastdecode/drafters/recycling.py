@@ -70,7 +70,7 @@ class TokenRecycling:
         if k < 1 or k > vocab_size:
             raise ValueError(f"k={k} successors per token must be in [1, vocab_size={vocab_size}]")
         self.vocab_size, self.k = vocab_size, k
-        self.successors = np.full((vocab_size, k), UNKNOWN, dtype=np.int64)  # [vocab, k]
+        self.successors = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [vocab, k]: 1.5 MB at 49k x 8
         self.rank_hits = np.zeros(k)  # accepted-path observations per rank
         self.rank_trials = 0
         self.steps = 0
@@ -101,7 +101,7 @@ class TokenRecycling:
             keep = np.flatnonzero(child_alive)
             if keep.size == 0:
                 break
-            # draft index of every previous-depth node, -1 where it was pruned
+            # draft index of every previous-depth node (pruned ones are never a live parent)
             prev_index = self._prev_draft_index(alive, offset)
             start = len(out_tokens)
             out_tokens.extend(child[keep].tolist())
@@ -136,7 +136,7 @@ class TokenRecycling:
                 f"{path} holds a successor matrix of shape {tuple(successors.shape)}; "
                 f"this drafter needs {tuple(self.successors.shape)} (vocab_size, k)"
             )
-        self.successors = successors.astype(np.int64, copy=True)
+        self.successors = successors.astype(np.int32, copy=True)
         self.rank_hits = state["rank_hits"].numpy().astype(np.float64, copy=True)
         self.rank_trials = int(state["rank_trials"])
         self._templates.clear()
@@ -170,7 +170,7 @@ class TokenRecycling:
 
     @staticmethod
     def _prev_draft_index(alive: np.ndarray, offset: int) -> np.ndarray:
-        """Draft index of each previous-depth node (compacted after pruning); -1 for the root."""
+        """Draft index of each previous-depth node (compacted after pruning; -2 if pruned); -1 = root."""
         if offset < 0:
             return np.full(alive.shape, -1, dtype=np.int64)
         index = np.cumsum(alive) - 1 + offset

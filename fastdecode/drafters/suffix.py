@@ -6,12 +6,13 @@ and a global one over this LLM instance's earlier outputs (each with the tail of
 so the first output tokens after a chat template's "assistant" turn are predictable too).
 At propose time each trie matches the longest suffix of the context (at most `max_pattern`
 tokens) that occurred before with something after it, then grows a draft tree best-first by
-empirical probability: a node's score is the product along its path of
+score, an estimate of the chance that the target accepts a node: the product along its path of
 
-    count(child) / (count of all continuations of the parent + prior)
+    match_confidence(L + depth of the parent) * count(child) / count(continuations of the parent)
 
-an estimate of the chance that the target accepts it (`prior` shrinks estimates that rest on
-few observations). The tree with the larger expected accepted length (sum of scores) wins.
+where L is the matched length (a longer match predicts better, and every accepted token makes
+the match one longer; see ngram.MATCH_CONFIDENCE) and the count ratio is the empirical
+probability of the child. The tree with the larger expected accepted length (sum of scores) wins.
 
 Compactness, as in a suffix tree: a substring seen once is not stored as a chain of nodes but
 as a *leaf*, the position of its last token in the trie's token sequence; the chain below a leaf
@@ -26,6 +27,7 @@ import heapq
 from collections import deque
 
 from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.ngram import match_confidence
 from fastdecode.tree import DraftTree
 
 SEPARATOR = -1  # ends a document in a trie's token sequence; leaf chains stop there
@@ -111,33 +113,32 @@ class SuffixTrie:
         return cursor + 1 < len(self.seq) and self.seq[cursor + 1] != SEPARATOR
 
     def longest_match(self, context: list[int], max_pattern: int) -> tuple[Cursor, int] | None:
-        """The longest suffix of `context` (<= max_pattern tokens) seen with a continuation.
+        """The longest non-empty suffix of `context` (<= max_pattern tokens) seen with a
+        continuation, as (cursor, length); None if not even the last token was.
 
         If a suffix has a continuation, so has every shorter one, so binary search suffices.
         """
-        if not self.has_continuation(self.root, 0):
-            return None
-        low, high, best = 0, min(max_pattern, len(context), self.max_depth - 1), (self.root, 0)
+        low, high, best = 0, min(max_pattern, len(context), self.max_depth - 1), None
         while low < high:
             mid = (low + high + 1) // 2
             cursor = self.find(context[len(context) - mid :])
             if self.has_continuation(cursor, mid):
-                low, best = mid, (cursor, mid)  # type: ignore[assignment]
+                low, best = mid, (cursor, mid)
             else:
                 high = mid - 1
-        return best
+        return best  # type: ignore[return-value]
 
-    def continuations(self, cursor: Cursor, prior: float) -> list[tuple[int, Cursor, float]]:
-        """(token, cursor after it, probability estimate) for what followed `cursor`."""
+    def continuations(self, cursor: Cursor) -> list[tuple[int, Cursor, float]]:
+        """(token, cursor after it, empirical probability) for what followed `cursor`."""
         if isinstance(cursor, _Node):
-            denominator = cursor.total + prior
+            total = cursor.total
             return [
-                (token, child, (child.count if isinstance(child, _Node) else 1) / denominator)
+                (token, child, (child.count if isinstance(child, _Node) else 1) / total)
                 for token, child in cursor.children.items()
             ]
         after = cursor + 1
         if after < len(self.seq) and self.seq[after] != SEPARATOR:
-            return [(self.seq[after], after, 1 / (1 + prior))]
+            return [(self.seq[after], after, 1.0)]
         return []
 
 
@@ -146,17 +147,14 @@ class SuffixDrafter:
         self,
         max_pattern: int = 24,
         max_draft_depth: int = 16,
-        prior: float = 0.5,
-        min_score: float = 0.1,
-        global_max_tokens: int = 200_000,
+        min_score: float = 0.3,
+        global_max_tokens: int = 100_000,
         prompt_tail: int = 8,
     ) -> None:
         if max_pattern < 1 or max_draft_depth < 1:
             raise ValueError(f"max_pattern={max_pattern} and max_draft_depth={max_draft_depth} must be >= 1")
-        if prior <= 0:
-            raise ValueError(f"prior={prior} must be > 0 (it keeps scores falling from parent to child)")
         self.max_pattern, self.max_draft_depth = max_pattern, max_draft_depth
-        self.prior, self.min_score = prior, min_score
+        self.min_score = min_score
         self.global_max_tokens, self.prompt_tail = global_max_tokens, prompt_tail
         self.max_depth = max_pattern + max_draft_depth
         self.request = SuffixTrie(self.max_depth)
@@ -220,17 +218,19 @@ class SuffixDrafter:
     def _grow(self, trie: SuffixTrie, cursor: Cursor, match_len: int, budget: int) -> tuple[DraftTree, float]:
         """Best-first expansion from the match: the `budget` highest-scoring nodes (score >= min_score).
 
-        Scores fall from parent to child (every factor is < 1), and a child enters the frontier
-        only once its parent is in the tree, so parents always precede children.
+        A child enters the frontier only once its parent is in the tree, so parents precede
+        children; scores fall from parent to child (every confidence is < 1).
         """
         tree, total, tiebreak = DraftTree(), 0.0, 0
-        frontier: list[tuple[float, int, int, Cursor, int, int]] = []  # (-score, tiebreak, token, cursor, depth, parent row)
+        # (-score, tiebreak, token, cursor after the token, draft depth, parent row)
+        frontier: list[tuple[float, int, int, Cursor, int, int]] = []
 
         def push_children(cursor: Cursor, depth: int, row: int, score: float) -> None:
             nonlocal tiebreak
             if depth >= self.max_draft_depth or not trie.has_continuation(cursor, match_len + depth):
                 return
-            for token, child, probability in trie.continuations(cursor, self.prior):
+            score *= match_confidence(match_len + depth)
+            for token, child, probability in trie.continuations(cursor):
                 child_score = score * probability
                 if child_score >= self.min_score:
                     tiebreak += 1

@@ -1,0 +1,85 @@
+"""The machine's cost curve: time of an n-token forward over a 1-token forward, n = 1..64.
+
+It decides how large a draft tree pays: a tree of n nodes is worth it only while its expected
+accepted tokens grow faster than cost(n + 1). Measured once per (model, dtype, threads, CPU)
+and cached as JSON, because it takes a few seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from fastdecode.model import Transformer
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+MAX_NODES = SIZES[-1]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class CostCurve:
+    def __init__(self, ratios: dict[int, float]) -> None:
+        self.ratios = dict(sorted(ratios.items()))  # n -> time(n) / time(1)
+
+    def __call__(self, n: int) -> float:
+        """Relative cost of an n-token forward, linearly interpolated between measured sizes."""
+        sizes = list(self.ratios)
+        if n <= sizes[0]:
+            return self.ratios[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if n <= hi:
+                w = (n - lo) / (hi - lo)
+                return (1 - w) * self.ratios[lo] + w * self.ratios[hi]
+        last, prev = sizes[-1], sizes[-2]
+        slope = (self.ratios[last] - self.ratios[prev]) / (last - prev)
+        return self.ratios[last] + slope * (n - last)
+
+    @classmethod
+    def measure(cls, model: Transformer, context: int = 128, repeats: int = 3) -> "CostCurve":
+        """Time forwards of every size in SIZES over a `context`-token cache (medians)."""
+        cache = model.new_cache()
+        context = min(context, model.max_len - MAX_NODES - 1)
+        model(torch.zeros(context, dtype=torch.long), torch.arange(context), cache)
+        cache.append(context)
+        times = {}
+        for n in SIZES:
+            tokens = torch.zeros(n, dtype=torch.long)
+            positions = context + torch.arange(n)
+            runs = []
+            for _ in range(repeats + 1):  # the first run warms up
+                start = time.perf_counter()
+                model(tokens, positions, cache)
+                runs.append(time.perf_counter() - start)
+            times[n] = sorted(runs[1:])[len(runs[1:]) // 2]
+        return cls({n: t / times[1] for n, t in times.items()})
+
+    @classmethod
+    def cached(cls, model: Transformer, key: str) -> "CostCurve":
+        """Load the curve measured for `key` (+ threads and CPU) or measure and store it."""
+        ident = f"{key}|threads={torch.get_num_threads()}|cpu={_cpu_name()}|torch={torch.__version__}"
+        digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+        root = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+        path = root / "cost" / f"{digest}.json"
+        if path.is_file():
+            return cls({int(n): r for n, r in json.loads(path.read_text())["ratios"].items()})
+        curve = cls.measure(model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"ident": ident, "ratios": curve.ratios}, indent=1))
+        except OSError:
+            pass  # an unwritable cache only costs a re-measure next time
+        return curve

@@ -1,0 +1,105 @@
+"""Tests for fastdecode.kernels.bf16_linear against F.linear on upcast weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdecode import kernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_kernel() -> None:
+    """Fail loudly if the kernel is missing on a CPU that should run it."""
+    if not kernels.cpu_supports_avx2_fma():
+        pytest.skip("this CPU lacks AVX2/FMA, which the bf16_linear kernel requires")
+    assert kernels.bf16_linear_available(), "bf16_linear failed to build on an AVX2+FMA CPU"
+
+
+def _inputs(n: int, k: int, big_n: int, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g)
+    w = torch.randn(big_n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(big_n, generator=g) if bias else None
+    return x, w, b
+
+
+def _check(n: int, k: int, big_n: int, bias: bool) -> None:
+    x, w, b = _inputs(n, k, big_n, bias)
+    y = kernels.bf16_linear(x, w, b)
+    ref = F.linear(x, w.float(), b)
+    assert y.dtype == torch.float32 and y.shape == (n, big_n)
+    # Only the fp32 summation order differs; its error grows with K.
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * max(1.0, k / 576))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 33, 64])
+@pytest.mark.parametrize("big_n", [1, 3, 5, 67])
+@pytest.mark.parametrize("k", [7, 13, 40, 576, 1536])
+def test_matches_f_linear(k: int, big_n: int, n: int, bias: bool) -> None:
+    _check(n, k, big_n, bias)
+
+
+@pytest.mark.parametrize("n", [1, 4, 16, 19])
+def test_many_rows_split_across_threads(n: int) -> None:
+    # Odd N over many row groups exercises the parallel split and row tails.
+    _check(n, 576, 4099, bias=True)
+
+
+def test_result_independent_of_thread_count() -> None:
+    x, w, b = _inputs(9, 200, 1001, bias=True)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.bf16_linear(x, w, b)
+        torch.set_num_threads(2)
+        two = kernels.bf16_linear(x, w, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_empty_batch_and_zero_k() -> None:
+    x, w, b = _inputs(0, 16, 3, bias=True)
+    assert kernels.bf16_linear(x, w, b).shape == (0, 3)
+    x, w, b = _inputs(2, 0, 3, bias=True)
+    torch.testing.assert_close(kernels.bf16_linear(x, w, b), b.expand(2, 3))
+
+
+def _bad_args() -> list[tuple[str, tuple]]:
+    x, w, b = _inputs(2, 16, 3, bias=True)
+    return [
+        ("x bf16", (x.bfloat16(), w, b)),
+        ("x 1-D", (x[0], w, b)),
+        ("x 3-D", (x[None], w, b)),
+        ("weight fp32", (x, w.float(), b)),
+        ("weight fp16", (x, w.half(), b)),
+        ("K mismatch", (x, w[:, :8].contiguous(), b)),
+        ("bias fp64", (x, w, b.double())),
+        ("bias wrong N", (x, w, b[:2])),
+        ("bias 2-D", (x, w, b[None])),
+        ("x non-contiguous", (torch.randn(16, 2).t(), w, b)),
+        ("weight non-contiguous", (x, torch.randn(16, 3).bfloat16().t(), b)),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_args(), ids=lambda c: c[0])
+def test_bad_arguments_raise_value_error(case: tuple[str, tuple]) -> None:
+    with pytest.raises(ValueError):
+        kernels.bf16_linear(*case[1])
+
+
+def test_build_failure_is_warned_once_and_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_build() -> None:
+        raise OSError("no compiler\nsecond line")
+
+    monkeypatch.setattr(kernels, "_op", None)
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setattr(kernels, "_build", broken_build)
+    with pytest.warns(UserWarning, match="OSError: no compiler$"):
+        assert not kernels.bf16_linear_available()
+    assert not kernels.bf16_linear_available()  # remembered: no second build, no warning
+    x, w, b = _inputs(1, 16, 3, bias=False)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        kernels.bf16_linear(x, w, b)
