@@ -126,17 +126,16 @@ def test_rank_hit_rates_follow_accepted_paths() -> None:
     assert after[1] > before[1] and after[0] < before[0]
 
 
-@pytest.mark.parametrize("budget", [3, 16])
-def test_greedy_output_equals_ar(tiny_llm, budget: int) -> None:
-    prompts = ["hello hello hello", "the cat sat on the mat. the cat", "abcabcabc", "Q: 2+2?"]
-    params = SamplingParams(max_tokens=48, temperature=0)
+def test_greedy_output_equals_ar(tiny_llm) -> None:
+    prompts = ["hello hello hello", "the cat sat on the mat. the cat", "Q: 2+2?"]
+    params = SamplingParams(max_tokens=32, temperature=0)
+    ar = [o.token_ids for o in tiny_llm.generate(prompts, params, method="ar")]
     saved = tiny_llm.draft_budget
-    tiny_llm.draft_budget = budget
     try:
-        ar = tiny_llm.generate(prompts, params, method="ar")
-        for _ in range(2):  # the second pass drafts from a matrix filled by the first
+        for budget in (3, 16):  # the second budget drafts from a matrix the first one filled
+            tiny_llm.draft_budget = budget
             out = tiny_llm.generate(prompts, params, method="recycling")
-            assert [o.token_ids for o in out] == [o.token_ids for o in ar]
+            assert [o.token_ids for o in out] == ar
     finally:
         tiny_llm.draft_budget = saved
-    assert sum(o.metrics.steps for o in out) < sum(o.metrics.steps for o in ar)
+    assert sum(o.metrics.steps for o in out) < sum(len(ids) - 1 for ids in ar)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from fastdecode.drafters.base import Drafter, StepResult
 from fastdecode.tree import DraftTree
 
-PRIOR_HITS, PRIOR_TRIALS = 1.0, 3.0
+BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has seen yet
+PRIOR_WEIGHT = 3.0  # the prior counts as this many trials
 MAX_RANK = 3  # siblings beyond the 3rd share one statistic
 MAX_TRIALS = 5000.0  # counts are rescaled past this, so the rates follow a changing workload
 
@@ -47,8 +48,12 @@ class AutoDrafter:
             member.end(output_ids)
 
     def rate(self, key: tuple[str, int, int]) -> float:
+        """Conditional acceptance of a node given its parent was accepted. The prior of depth d is
+        the rate at depth d - 1, so deep nodes of a member that is usually right get tried."""
+        name, depth, rank = key
+        prior = BASE_RATE if depth <= 1 else self.rate((name, depth - 1, rank))
         hits, trials = self.stats.get(key, (0.0, 0.0))
-        return (hits + PRIOR_HITS) / (trials + PRIOR_TRIALS)
+        return (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         nodes = self._merge(context, budget)
