@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["bf16_linear", "bf16_linear_available", "cpu_supports_avx2_fma"]
+__all__ = ["bf16_linear", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_bf16.cpp"
 _EXTENSION_NAME = "fastdecode_linear_bf16"
@@ -104,6 +104,11 @@ def bf16_linear_available() -> bool:
     warned about once, and every later call returns False without retrying.
     """
     return _load() is not None
+
+
+def bf16_linear_op() -> Callable[..., torch.Tensor] | None:
+    """The raw op `(x, weight, bias) -> y` for hot loops (it validates its inputs in C++), or None."""
+    return _load()
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import bf16_linear, bf16_linear_available
+from fastdecode.kernels import bf16_linear_op
 from fastdecode.kv_cache import KVCache
 
 
@@ -41,11 +41,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[max_len, head_dim]` in fp32 for every position, rotate-half layout."""
+def rope_table(cfg: ModelConfig, max_len: int) -> torch.Tensor:
+    """`[max_len, head_dim // 2]` complex64 rotations cos + i sin for every position."""
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
 
 
 class RMSNorm(nn.Module):
@@ -73,8 +72,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)
-        if bf16_linear_available():
-            return bf16_linear(x, self.weight, self.bias)
+        op = bf16_linear_op()
+        if op is not None:
+            return op(x, self.weight, self.bias)
         y = F.linear(x.to(self.weight.dtype), self.weight).float()  # slow where the CPU lacks bf16 math
         return y if self.bias is None else y + self.bias
 
@@ -94,15 +94,14 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [n, hidden]
-        cos: torch.Tensor,  # [n, head_dim]
-        sin: torch.Tensor,  # [n, head_dim]
+        rot: torch.Tensor,  # [n, head_dim // 2] complex
         cache: KVCache,
         layer: int,
         mask: torch.Tensor | None,  # [n, cache.length + n] bool, or None for causal
     ) -> torch.Tensor:
         n, hd = x.shape[0], self.head_dim
         qkv = self.qkv(self.attn_norm(x)).view(n, self.n_heads + 2 * self.n_kv, hd)
-        qk = _rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)  # [n, heads + kv_heads, hd]
+        qk = _rope(qkv[:, : self.n_heads + self.n_kv], rot)  # [n, heads + kv_heads, hd]
         q = qk[:, : self.n_heads].transpose(0, 1)  # [heads, n, hd]
         k = qk[:, self.n_heads :].transpose(0, 1)  # [kv_heads, n, hd]
         v = qkv[:, self.n_heads + self.n_kv :].transpose(0, 1)
@@ -119,11 +118,11 @@ class Block(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on `x [n, heads, hd]` with `cos/sin [n, hd]`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE on `x [n, heads, hd]` whose q/k features are stored as interleaved pairs (see
+    `_interleave_rope_rows`): one complex multiply instead of rotate-half's five ops."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [n, heads, hd // 2]
+    return torch.view_as_real(pairs * rot.unsqueeze(1)).flatten(-2)
 
 
 def causal_mask(cached: int, n: int) -> torch.Tensor:
@@ -142,9 +141,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
-        cos, sin = rope_tables(cfg, max_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, torch.float32)
@@ -163,10 +160,10 @@ class Transformer(nn.Module):
         cache.check_room(n)
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rot = self.rope[positions]
         x = self.embed(tokens).float()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, mask)
+            x = block(x, rot, cache, layer, mask)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
@@ -192,9 +189,10 @@ def fuse_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        out[f"blocks.{i}.qkv.weight"] = torch.cat([state[a + f"{x}_proj.weight"] for x in "qkv"])
-        if cfg.attention_bias:
-            out[f"blocks.{i}.qkv.bias"] = torch.cat([state[a + f"{x}_proj.bias"] for x in "qkv"])
+        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+            q, k, v = (state[a + f"{x}_proj.{kind}"] for x in "qkv")
+            q, k = _interleave_rope_rows(q, cfg.num_heads), _interleave_rope_rows(k, cfg.num_kv_heads)
+            out[f"blocks.{i}.qkv.{kind}"] = torch.cat([q, k, v])
         out[f"blocks.{i}.o.weight"] = state[a + "o_proj.weight"]
         out[f"blocks.{i}.gate_up.weight"] = torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]])
         out[f"blocks.{i}.down.weight"] = state[m + "down_proj.weight"]
@@ -203,10 +201,17 @@ def fuse_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
+def _interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from rotate-half halves (x0..x31, y0..y31) to pairs
+    (x0, y0, x1, y1, ...). q and k get the same order, so q.k and the model are unchanged."""
+    half = w.shape[0] // heads // 2
+    return w.unflatten(0, (heads, 2, half)).transpose(1, 2).reshape(w.shape)
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int) -> Transformer:
     """Build on the meta device (no throwaway init), then assign the checkpoint's tensors."""
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
     model.load_hf_state(state, dtype)
-    model.rope_cos, model.rope_sin = rope_tables(cfg, max_len)  # fp32: positions can be large
+    model.rope = rope_table(cfg, max_len)
     return model.eval()

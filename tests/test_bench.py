@@ -1,0 +1,125 @@
+"""The benchmark: prompt loading, the report from synthetic records, and one quick real run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastdecode.bench import build_parser, run_bench
+from fastdecode.bench.data import (
+    BUILTIN, CATEGORIES, DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_builtin, load_prompts, resolve_data_path,
+)
+from fastdecode.bench.report import OVERALL, markdown_report, plot_speedup, summarize
+from fastdecode.bench.run import rotated
+from fastdecode.weights import default_model_path
+
+SPEC_BENCH = resolve_data_path(DEFAULT_SPEC_BENCH)
+HUMANEVAL = resolve_data_path(DEFAULT_HUMANEVAL)
+needs_data = pytest.mark.skipif(
+    not (SPEC_BENCH.is_file() and HUMANEVAL.is_file()), reason="shared Spec-Bench/HumanEval data not present"
+)
+
+
+@needs_data
+def test_spec_bench_and_humaneval_give_seven_categories() -> None:
+    prompts, notes = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL)
+    assert notes == []
+    counts = {c: sum(p.category == c for p in prompts) for c in CATEGORIES}
+    assert counts == {"mt_bench": 80, "translation": 80, "summarization": 80, "qa": 80,
+                      "math_reasoning": 80, "rag": 80, "code": 164}
+    assert all(len(p.turns) == 2 for p in prompts if p.category == "mt_bench")
+    assert all(len(p.turns) == 1 for p in prompts if p.category != "mt_bench")
+    code = next(p for p in prompts if p.category == "code")
+    assert code.turns[0].startswith("Complete this Python function:\n```python\n") and "def " in code.turns[0]
+
+
+@needs_data
+def test_limit_is_per_category_and_mt_bench_spans_subcategories() -> None:
+    prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, ["mt_bench", "qa"], limit=8)
+    assert [p.category for p in prompts] == ["mt_bench"] * 8 + ["qa"] * 8
+    assert len({p.subcategory for p in prompts[:8]}) == 8
+
+
+def test_builtin_set_covers_every_category() -> None:
+    prompts = load_builtin()
+    assert {p.category for p in prompts} == set(CATEGORIES)
+    assert all(len(p.turns) == 2 for p in prompts if p.category == "mt_bench")
+    assert len({p.prompt_id for p in prompts}) == len(prompts)
+    limited, _ = load_prompts(BUILTIN, categories=["qa", "code"], limit=1)
+    assert [p.category for p in limited] == ["qa", "code"]
+
+
+def test_bad_inputs_name_the_value() -> None:
+    with pytest.raises(ValueError, match="poetry"):
+        load_prompts(BUILTIN, categories=["poetry"])
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        load_prompts("nowhere.jsonl")
+
+
+def test_rotation_changes_the_first_runner() -> None:
+    runners = ["a", "b", "c"]
+    assert [rotated(runners, i)[0] for i in range(4)] == ["a", "b", "c", "a"]  # type: ignore[arg-type]
+
+
+def _turn(tokens: list[int], decode_s: float, ttft_s: float = 0.1, steps: int | None = None) -> dict:
+    n = len(tokens)
+    return {"token_ids": tokens, "tokens": n, "decode_tokens": n - 1, "decode_s": decode_s, "ttft_s": ttft_s,
+            "e2e_s": ttft_s + decode_s, "steps": n - 1 if steps is None else steps}
+
+
+def _record(runner: str, category: str, prompt_id: str, turns: list[dict]) -> dict:
+    return {"runner": runner, "category": category, "prompt_id": prompt_id, "turns": turns}
+
+
+def test_report_from_synthetic_records(tmp_path: Path) -> None:
+    records = [
+        _record("ar", "qa", "q1", [_turn([1, 2, 3, 4, 5], decode_s=4.0)]),
+        _record("pld", "qa", "q1", [_turn([1, 2, 3, 4, 5], decode_s=1.0, steps=2)]),
+        _record("hf", "qa", "q1", [_turn([1, 2, 3, 9, 9], decode_s=8.0)]),
+        _record("ar", "mt_bench", "m1", [_turn([7, 8, 9], decode_s=2.0), _turn([4, 5, 6], decode_s=2.0)]),
+        _record("pld", "mt_bench", "m1", [_turn([7, 8, 9], decode_s=1.0, steps=1), _turn([4, 5, 6], 1.0, steps=1)]),
+        _record("hf", "mt_bench", "m1", [_turn([7, 8, 9], decode_s=4.0), _turn([4, 5, 6], decode_s=4.0)]),
+    ]
+    summary = summarize(records)
+    assert summary["ar"]["qa"]["decode_tps"] == pytest.approx(1.0)
+    assert summary["pld"]["qa"]["speedup_ar"] == pytest.approx(4.0)
+    assert summary["pld"]["qa"]["speedup_hf"] == pytest.approx(8.0)
+    assert summary["pld"]["qa"]["tau"] == pytest.approx(2.0)
+    assert summary["pld"]["mt_bench"]["tau"] == pytest.approx(2.0)
+    assert summary["ar"][OVERALL]["tau"] == pytest.approx(1.0)
+    assert summary["pld"][OVERALL]["speedup_ar"] == pytest.approx((8 / 3) / 1.0)  # 8 tokens in 3 s vs 8 in 8 s
+    assert summary["hf"]["qa"]["exact"] == 0.0 and summary["hf"]["mt_bench"]["exact"] == 1.0
+    assert summary["hf"][OVERALL]["exact"] == 0.5
+    assert summary["ar"]["mt_bench"]["ttft_s"]["p50"] == pytest.approx(0.1)
+    report = markdown_report(summary, {"model": "m.gguf", "threads": 2}, ["a note"])
+    assert "| Runner | Multi-turn | QA | Overall | tau |" in report
+    assert "| pld | 2.00x | 4.00x | 2.67x | 2.00 |" in report
+    assert "- a note" in report
+    plot_speedup(summary, str(tmp_path / "speedup.png"))
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
+    try:
+        default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "bench"
+    args = build_parser().parse_args([
+        "--data", BUILTIN, "--categories", "mt_bench,qa", "--limit", "1", "--max-new-tokens", "16",
+        "--methods", "ar", "--peers", "hf", "--dtype", "float32", "--out", str(out), "--no-progress",
+    ])
+    assert run_bench(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"cpu", "torch", "threads", "dtype", "git_commit"} <= set(results["info"])
+    runners = {r["runner"] for r in results["records"]}
+    assert runners == {"ar", "hf"}
+    assert len(results["records"]) == 4  # 2 prompts x 2 runners
+    ar = results["summary"]["ar"]
+    assert ar[OVERALL]["exact"] == 1.0 and ar[OVERALL]["tau"] == pytest.approx(1.0)
+    assert ar[OVERALL]["decode_tps"] > 0
+    assert all(len(r["turns"]) == 2 for r in results["records"] if r["category"] == "mt_bench")
+    report = (out / "report.md").read_text()
+    assert "## Speedup over fastdecode AR" in report and "| ar | 1.00x | 1.00x | 1.00x | 1.00 |" in report
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
