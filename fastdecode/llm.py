@@ -18,7 +18,7 @@ from fastdecode.weights import default_model_path, load_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MAX_MODEL_LEN = 8192
-DEFAULT_DRAFT_BUDGET = 16
+DEFAULT_DRAFT_BUDGET = 8
 
 Message = dict[str, str]
 

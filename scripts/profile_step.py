@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=0, help="also print the N most expensive ops")
     args = ap.parse_args()
     llm = LLM(dtype=args.dtype, threads=args.threads, max_model_len=max(2048, args.context + args.steps + 8))
     model, cache = llm.model, llm.engine.cache
@@ -70,16 +71,20 @@ def main() -> None:
     for _ in range(3):
         step()
     walls = []
+    for _ in range(args.steps):  # unprofiled: the profiler's own cost must not count as overhead
+        start = time.perf_counter()
+        logits = step()
+        walls.append(time.perf_counter() - start)
+    wall = sum(walls) / len(walls)  # a mean, to compare with the profiler's per-step means
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
-            start = time.perf_counter()
-            logits = step()
-            walls.append(time.perf_counter() - start)
-    wall = sum(walls) / len(walls)  # a mean, to compare with the profiler's per-step means
+            step()
     by_cat: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         by_cat[category(evt.key)] += evt.self_cpu_time_total / 1e6 / args.steps
     in_ops = sum(by_cat.values())
+    if args.top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     sampler = Sampler(SamplingParams(temperature=0), [], llm.config.vocab_size)
     start = time.perf_counter()
     for _ in range(50):
