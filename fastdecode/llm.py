@@ -1,7 +1,6 @@
 """LLM: the public entry point, shaped like vLLM's (`generate`, `chat`) plus `stream`."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -138,7 +137,3 @@ class LLM:
 def _tokenizer_eos(tokenizer: Any) -> set[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return set() if eos is None else {int(eos)}
-
-
-def default_threads() -> int:
-    return int(os.environ.get("FASTDECODE_THREADS", torch.get_num_threads()))

@@ -122,9 +122,9 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
 
 
 def _threads(args: argparse.Namespace) -> int:
-    from fastdecode.llm import default_threads
+    import torch
 
-    return args.threads or default_threads()
+    return args.threads or torch.get_num_threads()  # LLM(threads=...) has already set torch's count
 
 
 def _split(value: str) -> list[str]:

@@ -169,11 +169,12 @@ def plot_speedup(summary: dict[str, dict[str, Stats]], path: str) -> None:
     columns = categories_of(summary) + [OVERALL]
     runners = list(summary)
     width = 0.8 / max(len(runners), 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(columns) * max(1, len(runners) / 3)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.25 * len(columns) * len(runners))), 5))
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: tab10 repeats after ten runners
     for i, runner in enumerate(runners):
         values = [summary[runner].get(c, {}).get("speedup_ar") or 0.0 for c in columns]
         xs = [x + (i - (len(runners) - 1) / 2) * width for x in range(len(columns))]
-        ax.bar(xs, values, width, label=runner)
+        ax.bar(xs, values, width, label=runner, color=palette[(2 * i) % 20 + (i >= 10)])
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xticks(range(len(columns)), [CATEGORY_TITLES.get(c, c.title()) for c in columns])
     ax.set_ylabel("decode speedup over fastdecode AR")
