@@ -67,6 +67,22 @@ def test_greedy_output_equals_ar_on_varied_prompts(tiny_llm, ar_outputs, method:
 
 
 @pytest.mark.parametrize("method", DRAFTING)
+def test_greedy_output_equals_ar_at_small_and_large_budgets(tiny_llm, method: str) -> None:
+    prompts = ["hello hello hello", "the cat sat on the mat. the cat", "Q: 2+2?"]
+    params = SamplingParams(max_tokens=32, temperature=0)
+    ar = [o.token_ids for o in tiny_llm.generate(prompts, params, method="ar")]
+    saved = tiny_llm.draft_budget
+    try:
+        for budget in (3, 16):  # learning drafters draft the second time from what the first filled
+            tiny_llm.draft_budget = budget
+            out = tiny_llm.generate(prompts, params, method=method)
+            assert [o.token_ids for o in out] == ar, budget
+    finally:
+        tiny_llm.draft_budget = saved
+    assert sum(o.metrics.steps for o in out) < sum(len(ids) - 1 for ids in ar)  # drafts were accepted
+
+
+@pytest.mark.parametrize("method", DRAFTING)
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 13])
 def test_max_tokens_is_exact(tiny_llm, ar_outputs, method: str, max_tokens: int) -> None:
     for prompt in PROMPTS[:8]:
