@@ -11,7 +11,9 @@ from fastdecode.bench.data import (
     BUILTIN, CATEGORIES, DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_builtin, load_prompts, resolve_data_path,
 )
 from fastdecode.bench.report import OVERALL, markdown_report, plot_speedup, summarize
-from fastdecode.bench.run import rotated
+from fastdecode.bench.data import BenchPrompt
+from fastdecode.bench.peers import Generation
+from fastdecode.bench.run import rotated, run_interleaved
 from fastdecode.weights import default_model_path
 
 SPEC_BENCH = resolve_data_path(DEFAULT_SPEC_BENCH)
@@ -60,6 +62,41 @@ def test_bad_inputs_name_the_value() -> None:
 def test_rotation_changes_the_first_runner() -> None:
     runners = ["a", "b", "c"]
     assert [rotated(runners, i)[0] for i in range(4)] == ["a", "b", "c", "a"]  # type: ignore[arg-type]
+
+
+class _FakeLLM:
+    class tokenizer:  # noqa: N801 - stands in for the LLM's tokenizer attribute
+        @staticmethod
+        def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+            return " ".join(map(str, ids))
+
+    @staticmethod
+    def apply_chat_template(messages: list[dict]) -> list[int]:
+        return [len(messages)]
+
+
+class _FakeRunner:
+    kind = "method"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        return Generation(prompt_ids + [7] * (max_new_tokens - 1), "length", 0.01, 0.02, 0.03)
+
+
+def test_every_record_reaches_the_sink_as_it_is_made() -> None:
+    prompts = [BenchPrompt("1", "qa", ("q",)), BenchPrompt("2", "mt_bench", ("a", "b"), "writing")]
+    seen: list[dict] = []
+
+    def sink(record: dict) -> None:
+        seen.append(record)
+
+    records = run_interleaved(prompts, [_FakeRunner("x"), _FakeRunner("y")], _FakeLLM(), 3,  # type: ignore[arg-type]
+                              show_progress=False, on_record=sink)
+    assert seen == records and len(records) == 4
+    assert [(r["prompt_id"], r["runner"]) for r in records] == [("1", "x"), ("1", "y"), ("2", "y"), ("2", "x")]
+    assert [t["token_ids"] for t in records[2]["turns"]] == [[1, 7, 7], [3, 7, 7]]  # turn 2 sees turn 1's answer
 
 
 def _turn(tokens: list[int], decode_s: float, ttft_s: float = 0.1, steps: int | None = None) -> dict:
@@ -123,3 +160,4 @@ def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "## Speedup over fastdecode AR" in report and "| ar | 1.00x | 1.00x | 1.00x | 1.00 |" in report
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "records.partial.jsonl").exists()  # the run finished: results.json holds it all

@@ -89,7 +89,15 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or Path("bench_out") / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     warm_up(runners, llm, args.warmup, args.max_new_tokens)
-    records = run_interleaved(prompts, runners, llm, args.max_new_tokens, show_progress=not args.no_progress)
+    # every record is appended here as it is made: a run cut off midway keeps what it measured
+    with open(out_dir / "records.partial.jsonl", "w", encoding="utf-8") as log:
+        def keep(record: dict) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        records = run_interleaved(
+            prompts, runners, llm, args.max_new_tokens, show_progress=not args.no_progress, on_record=keep
+        )
     info = machine_info(llm, _threads(args)) | {
         "max_new_tokens": args.max_new_tokens, "limit": args.limit, "data": args.data, "warmup": args.warmup,
         "runners": [r.name for r in runners],
@@ -99,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "report.md").write_text(markdown_report(summary, info, notes))
     plot_speedup(summary, str(out_dir / "speedup.png"))
+    (out_dir / "records.partial.jsonl").unlink()  # complete: results.json holds every record
     print(f"wrote {out_dir}/results.json, report.md, speedup.png", file=sys.stderr)
     return 0
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,9 +82,11 @@ def rotated(runners: list[Runner], index: int) -> list[Runner]:
 
 
 def run_interleaved(
-    prompts: list[BenchPrompt], runners: list[Runner], llm: LLM, max_new_tokens: int, show_progress: bool = True
+    prompts: list[BenchPrompt], runners: list[Runner], llm: LLM, max_new_tokens: int, show_progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every prompt through every runner (rotated order); one record per (prompt, runner)."""
+    """Every prompt through every runner (rotated order); one record per (prompt, runner),
+    each also handed to `on_record` as soon as it exists (so a cut-off run keeps its data)."""
     from tqdm import tqdm
 
     total = sum(len(p.turns) for p in prompts) * len(runners)
@@ -95,11 +97,14 @@ def run_interleaved(
                 bar.set_postfix_str(f"{prompt.category} {prompt.prompt_id} {runner.name}")
                 turns = run_prompt(prompt, runner, llm, max_new_tokens)
                 bar.update(len(turns))
-                records.append({
+                record = {
                     "prompt_id": prompt.prompt_id, "category": prompt.category, "subcategory": prompt.subcategory,
                     "runner": runner.name, "kind": runner.kind, "position": position,
                     "turns": [asdict(t) for t in turns],
-                })
+                }
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
     return records
 
 
