@@ -6,11 +6,13 @@ import json
 import sys
 
 from fastdecode.drafters import METHODS
+from fastdecode.llm import DTYPES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                   help="weights: bfloat16, float32, or block-quantized int8 (Q8_0) / int4 (Q4_1); activations fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for")
 

@@ -1,8 +1,8 @@
 """The machine's cost curve: time of an n-token forward over a 1-token forward, n = 1..64.
 
 It decides how large a draft tree pays: a tree of n nodes is worth it only while its expected
-accepted tokens grow faster than cost(n + 1). Measured once per (model, dtype, threads, CPU)
-and cached as JSON, because it takes a few seconds.
+accepted tokens grow faster than cost(n + 1). Measured once per (model, dtype, threads, CPU,
+kernel sources) and cached as JSON, because it takes a few seconds.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastdecode.kernels import source_digest
 from fastdecode.model import Transformer
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -70,7 +71,10 @@ class CostCurve:
     @classmethod
     def cached(cls, model: Transformer, key: str) -> "CostCurve":
         """Load the curve measured for `key` (+ threads and CPU) or measure and store it."""
-        ident = f"{key}|threads={torch.get_num_threads()}|cpu={_cpu_name()}|torch={torch.__version__}"
+        ident = (
+            f"{key}|threads={torch.get_num_threads()}|cpu={_cpu_name()}|torch={torch.__version__}"
+            f"|kernels={source_digest()}"
+        )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         root = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
         path = root / "cost" / f"{digest}.json"

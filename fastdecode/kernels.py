@@ -1,22 +1,28 @@
-"""Native CPU kernels: a bf16-weight, fp32-activation linear for small batches.
+"""Native CPU kernels for small-batch linears with fp32 activations: bf16 and block-quantized weights.
 
-This module owns building, loading and calling ``csrc/linear_bf16.cpp``, which
-computes ``y[n, N] = x[n, K] @ W[N, K]^T (+ bias)`` with ``x``, ``bias`` and ``y``
-in float32, ``W`` stored as bfloat16 and fp32 accumulation.
+This module owns building, loading and calling ``csrc/linear_bf16.cpp``, ``csrc/linear_q.cpp``
+and ``csrc/attention.cpp`` (one extension). The linears compute ``y[n, N] = x[n, K] @ W[N, K]^T (+ bias)`` with ``x``, ``bias`` and
+``y`` in float32 and fp32 accumulation; ``W`` is stored as bfloat16 (``bf16_linear``) or in ggml's
+32-weight blocks, Q4_1 or Q8_0 (``q_linear``, with activations quantized to int8 per block as
+llama.cpp does; see ``fastdecode/quant.py``). ``attention`` does a
+layer's RoPE, KV-cache writes and attention for up to 64 new tokens in one call.
 
 Why it exists: on AVX2-only CPUs (no AVX512-BF16/AMX, e.g. the 2-core AMD EPYC
 this runtime is tuned on) torch's bf16 GEMM is fast only for one row. Measured
 with 2 threads, ``F.linear`` on bf16 takes 0.23 ms at n=1 but 3.5 ms at n=16 for
 W[3072, 576], and 3.9 ms vs 54 ms for the W[49152, 576] LM head; upcasting the
-weights to fp32 doubles their memory traffic (10.6 ms at n=1). Decoding,
-speculative verification and short prefills all live at n = 1..64, where the
-op should cost about one pass over the bf16 weights. The kernel streams the
-weights once per call and keeps the per-tile work in registers; see the C++
-file for the tiling. ``scripts/bench_kernels.py`` measures it.
+weights to fp32 doubles their memory traffic (10.6 ms at n=1). torch's weight-only
+int8/int4 ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) take fp32
+activations at ~25-100x their bf16-activation time, and with bf16 activations
+still cost ~n times their 1-row time (e.g. 0.15 ms at n=1, 1.2 ms at n=16, same W).
+Decoding, speculative verification and short prefills all live at n = 1..64, where
+the op should cost about one pass over the weights. The kernels stream the weights
+once per call and keep the per-tile work in registers; see the C++ files for the
+tiling. ``scripts/bench_kernels.py`` measures them.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``
 and cached by torch under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``); the first build takes ~15 s. A failed build is
+``~/.cache/torch_extensions``); the first build takes ~30 s. A failed build is
 remembered for the process and reported once via ``warnings.warn``.
 """
 from __future__ import annotations
@@ -24,18 +30,33 @@ from __future__ import annotations
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["bf16_linear", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma"]
+__all__ = [
+    "attention_op", "bf16_linear", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
+    "q_linear_op",
+]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "linear_bf16.cpp"
-_EXTENSION_NAME = "fastdecode_linear_bf16"
+_SOURCES = [
+    Path(__file__).resolve().parent / "csrc" / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp")
+]
+_EXTENSION_NAME = "fastdecode_kernels"
 
 _lock = threading.Lock()
-_op: Callable[..., torch.Tensor] | None = None
+_op: Any = None  # torch.ops.fastdecode_kernels, once built and loaded
 _failure: str | None = None  # why the kernel is unavailable, once known
+
+
+def source_digest() -> str:
+    """A short hash of the kernels' sources: measurements of the kernels (the cost curve) key on it."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def cpu_supports_avx2_fma() -> bool:
@@ -52,8 +73,8 @@ def cpu_supports_avx2_fma() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _build() -> Callable[..., torch.Tensor]:
-    """Compile (or fetch from torch's cache) and load the extension; return the op."""
+def _build() -> Any:
+    """Compile (or fetch from torch's cache) and load the extension; return its op namespace."""
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-mavx2", "-mfma"]
@@ -67,17 +88,17 @@ def _build() -> Callable[..., torch.Tensor]:
         ldflags.append("-fopenmp")
     cpp_extension.load(
         name=_EXTENSION_NAME,
-        sources=[str(_SOURCE)],
+        sources=[str(src) for src in _SOURCES],
         extra_cflags=flags,
         extra_ldflags=ldflags,
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.fastdecode_kernels.bf16_linear
+    return torch.ops.fastdecode_kernels
 
 
-def _load() -> Callable[..., torch.Tensor] | None:
-    """Return the op, attempting the build at most once per process."""
+def _load() -> Any:
+    """Return the op namespace (or None), attempting the build at most once per process."""
     global _op, _failure
     if _op is not None or _failure is not None:
         return _op
@@ -91,9 +112,9 @@ def _load() -> Callable[..., torch.Tensor] | None:
                 _op = _build()
             except Exception as exc:  # compiler missing, build error, load error...
                 first_line = (str(exc).strip().splitlines() or [""])[0]
-                _failure = f"building {_SOURCE.name} failed: {type(exc).__name__}: {first_line}"
+                _failure = f"building the {_EXTENSION_NAME} extension failed: {type(exc).__name__}: {first_line}"
         if _failure is not None:
-            warnings.warn(f"fastdecode bf16_linear kernel unavailable: {_failure}", stacklevel=3)
+            warnings.warn(f"fastdecode kernels unavailable: {_failure}", stacklevel=3)
     return _op
 
 
@@ -108,7 +129,21 @@ def bf16_linear_available() -> bool:
 
 def bf16_linear_op() -> Callable[..., torch.Tensor] | None:
     """The raw op `(x, weight, bias) -> y` for hot loops (it validates its inputs in C++), or None."""
-    return _load()
+    ops = _load()
+    return None if ops is None else ops.bf16_linear
+
+
+def attention_op() -> Callable[..., torch.Tensor] | None:
+    """The raw op `(qkv, cache_k, cache_v, layer, length, rot, mask, heads, kv_heads) -> attn`:
+    RoPE, the pending KV writes and attention of one layer in one call (csrc/attention.cpp), or None."""
+    ops = _load()
+    return None if ops is None else ops.attention
+
+
+def q_linear_op() -> Callable[..., torch.Tensor] | None:
+    """The raw op `(x, codes, scales, mins, bias) -> y` (see `q_linear`), or None."""
+    ops = _load()
+    return None if ops is None else ops.q_linear
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -146,7 +181,30 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     RuntimeError if the kernel is unavailable (check ``bf16_linear_available``).
     """
     _check_args(x, weight, bias)
-    op = _load()
+    op = bf16_linear_op()
     if op is None:
         raise RuntimeError(f"fastdecode bf16_linear kernel unavailable: {_failure}")
     return op(x, weight, bias)
+
+
+def q_linear(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` with W in 32-weight blocks (ggml Q4_1 or Q8_0 layout).
+
+    q4: codes uint8 [N, K/2], scales and mins float32 [N, K/32]: w = scale * q + min, q in 0..15.
+    q8: codes int8 [N, K], scales float32 [N, K/32], mins None: w = scale * q.
+    x: float32 [n, K] with K a multiple of 32; bias float32 [N] or None. As in llama.cpp, x is
+    quantized per 32-block to int8 (scale max|x| / 127) and the block dots are integer. Every
+    output element is summed in one fixed order, so a row's result does not depend on n or the
+    thread count.
+
+    Raises ValueError on bad arguments and RuntimeError if the kernels are unavailable.
+    """
+    op = q_linear_op()
+    if op is None:
+        raise RuntimeError(f"fastdecode q_linear kernel unavailable: {_failure}")
+    try:
+        return op(x, codes, scales, mins, bias)
+    except RuntimeError as exc:  # the C++ checks name the bad argument and what is allowed
+        raise ValueError(str(exc).splitlines()[0]) from exc

@@ -11,11 +11,13 @@ from fastdecode.cost import CostCurve
 from fastdecode.drafters.base import Drafter, DrafterEnv
 from fastdecode.engine import Engine
 from fastdecode.model import build_model
+from fastdecode.quant import QUANT_DTYPES, Blocks
 from fastdecode.output import RequestOutput
 from fastdecode.sampling import SamplingParams
 from fastdecode.weights import default_model_path, load_checkpoint
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# weight storage: bf16 / fp32 matrices, or ggml-style blocks (see quant.py); activations are fp32 in all
+DTYPES = ("bfloat16", "float32", "int8", "int4")
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_DRAFT_BUDGET = 8
 
@@ -40,14 +42,15 @@ class LLM:
         if draft_budget < 0:
             raise ValueError(f"draft_budget={draft_budget!r} must be >= 0")
         self.model_path = model or default_model_path()
-        self.config, state, self.tokenizer = load_checkpoint(self.model_path)
+        blocks: dict[str, Blocks] | None = {} if dtype in QUANT_DTYPES else None
+        self.config, state, self.tokenizer = load_checkpoint(self.model_path, blocks)
         limit = self.config.max_position_embeddings
         max_len = min(limit, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
         if not 1 < max_len <= limit:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's context length)")
         self.dtype = dtype
-        self.model = build_model(self.config, state, DTYPES[dtype], max_len)
-        del state
+        self.model = build_model(self.config, state, dtype, max_len, blocks)
+        del state, blocks
         self.draft_budget = draft_budget
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids)

@@ -8,14 +8,21 @@ matmuls per layer rather than many small ones.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import bf16_linear_op
+from fastdecode.kernels import attention_op, bf16_linear_op
 from fastdecode.kv_cache import KVCache
+from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
+
+ATTENTION_KERNEL_MAX_NEW = 64  # decode steps and draft trees use csrc/attention.cpp; longer prefills SDPA
+
+# how each dtype stores the matrices while loading (block formats are applied after)
+MATRIX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32, "int4": torch.float32}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -98,9 +105,24 @@ class Block(nn.Module):
         cache: KVCache,
         layer: int,
         mask: torch.Tensor | None,  # [n, cache.length + n] bool, or None for causal
+        attention: Callable[..., torch.Tensor] | None = None,  # the kernel, given rot_real
+        rot_real: torch.Tensor | None = None,  # [n, head_dim // 2, 2] (cos, sin)
     ) -> torch.Tensor:
         n, hd = x.shape[0], self.head_dim
-        qkv = self.qkv(self.attn_norm(x)).view(n, self.n_heads + 2 * self.n_kv, hd)
+        qkv = self.qkv(self.attn_norm(x))
+        if attention is not None:
+            attn = attention(qkv, cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv)
+            x = x + self.o(attn)
+        else:
+            x = x + self.o(self._attention_torch(qkv.view(n, self.n_heads + 2 * self.n_kv, hd), rot, cache, layer, mask))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+    def _attention_torch(
+        self, qkv: torch.Tensor, rot: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same as the kernel with torch ops (long prefills, or no kernel): -> [n, heads * hd]."""
+        n, hd = qkv.shape[0], self.head_dim
         qk = _rope(qkv[:, : self.n_heads + self.n_kv], rot)  # [n, heads + kv_heads, hd]
         q = qk[:, : self.n_heads].transpose(0, 1)  # [heads, n, hd]
         k = qk[:, self.n_heads :].transpose(0, 1)  # [kv_heads, n, hd]
@@ -113,9 +135,7 @@ class Block(nn.Module):
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
             attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads,
         )  # [1, heads, n, hd]
-        x = x + self.o(attn[0].transpose(0, 1).reshape(n, self.n_heads * hd))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return attn[0].transpose(0, 1).reshape(n, self.n_heads * hd)
 
 
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -161,9 +181,13 @@ class Transformer(nn.Module):
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
         rot = self.rope[positions]
+        kernel = attention_op() if n <= ATTENTION_KERNEL_MAX_NEW else None
+        rot_real = torch.view_as_real(rot) if kernel is not None else None
+        if kernel is not None and mask is not None:
+            mask = mask.to(torch.bool).contiguous()
         x = self.embed(tokens).float()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rot, cache, layer, mask)
+            x = block(x, rot, cache, layer, mask, kernel, rot_real)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
@@ -181,21 +205,34 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
 
+def fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int | None]]]:
+    """For each of this module's matrices: its Hugging Face source tensors, in row order, each
+    with the head count whose RoPE rows get interleaved (q and k), or None."""
+    parts: dict[str, list[tuple[str, int | None]]] = {}
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    parts["lm_head.weight"] = [(head, None)]
+    for i in range(cfg.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+            parts[f"blocks.{i}.qkv.{kind}"] = [
+                (a + f"q_proj.{kind}", cfg.num_heads), (a + f"k_proj.{kind}", cfg.num_kv_heads), (a + f"v_proj.{kind}", None),
+            ]
+        parts[f"blocks.{i}.o.weight"] = [(a + "o_proj.weight", None)]
+        parts[f"blocks.{i}.gate_up.weight"] = [(m + "gate_proj.weight", None), (m + "up_proj.weight", None)]
+        parts[f"blocks.{i}.down.weight"] = [(m + "down_proj.weight", None)]
+    return parts
+
+
 def fuse_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Map Hugging Face parameter names onto this module's fused layout."""
     out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
+    for name, parts in fused_parts(cfg).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # the head is the embedding itself
+        rows = [state[src] if heads is None else _interleave_rope_rows(state[src], heads) for src, heads in parts]
+        out[name] = rows[0] if len(rows) == 1 else torch.cat(rows)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
-            q, k, v = (state[a + f"{x}_proj.{kind}"] for x in "qkv")
-            q, k = _interleave_rope_rows(q, cfg.num_heads), _interleave_rope_rows(k, cfg.num_kv_heads)
-            out[f"blocks.{i}.qkv.{kind}"] = torch.cat([q, k, v])
-        out[f"blocks.{i}.o.weight"] = state[a + "o_proj.weight"]
-        out[f"blocks.{i}.gate_up.weight"] = torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]])
-        out[f"blocks.{i}.down.weight"] = state[m + "down_proj.weight"]
         out[f"blocks.{i}.attn_norm.weight"] = state[p + "input_layernorm.weight"]
         out[f"blocks.{i}.mlp_norm.weight"] = state[p + "post_attention_layernorm.weight"]
     return out
@@ -208,10 +245,39 @@ def _interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.unflatten(0, (heads, 2, half)).transpose(1, 2).reshape(w.shape)
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int) -> Transformer:
-    """Build on the meta device (no throwaway init), then assign the checkpoint's tensors."""
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str, max_len: int, blocks: dict[str, Blocks] | None = None
+) -> Transformer:
+    """Build on the meta device (no throwaway init), then assign the checkpoint's tensors.
+
+    dtype: "float32" | "bfloat16" (matrices stored so) | "int4" | "int8" (matrices in blocks, see
+    quant.py; `blocks` holds the checkpoint's own block-quantized matrices by Hugging Face name).
+    """
+    if dtype not in MATRIX_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(MATRIX_DTYPES)}")
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
-    model.load_hf_state(state, dtype)
+    model.load_hf_state(state, MATRIX_DTYPES[dtype])
     model.rope = rope_table(cfg, max_len)
+    if dtype in QUANT_DTYPES:
+        _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
     return model.eval()
+
+
+def _quantize_linears(model: Transformer, kind: str, blocks: dict[str, Blocks]) -> None:
+    """Swap every Linear for a QLinear: the checkpoint's own blocks where they are stored in the
+    wanted format, else quantized here. The LM head is always Q8_0 (see quant.py)."""
+    parts = fused_parts(model.cfg)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear):
+            continue
+        want = "q8_0" if name == "lm_head" else kind
+        sources = parts[name + ".weight"]
+        if all(src in blocks and blocks[src].kind == want for src, _ in sources):
+            q = cat_blocks([
+                blocks[src] if heads is None else blocks[src].rows(lambda t, h=heads: _interleave_rope_rows(t, h))
+                for src, heads in sources
+            ])
+        else:
+            q = quantize(module.weight.detach(), want)
+        model.set_submodule(name, QLinear(q, None if module.bias is None else module.bias.detach()))

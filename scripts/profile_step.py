@@ -18,10 +18,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastdecode import LLM, SamplingParams
+from fastdecode.roofline import kv_bytes, read_bandwidth_gbs, weight_bytes
 from fastdecode.sampling import Sampler
 
 CATEGORIES = [
-    ("matmul", ("linear", "mm", "addmm", "bf16_linear", "matmul")),
+    ("matmul", ("linear", "mm", "addmm", "bf16_linear", "q_linear", "matmul")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm")),
     ("kv cache write", ("copy_", "index_select", "index_put", "slice")),
     ("norms / rope / elementwise", ("rms_norm", "mul", "add", "cat", "neg", "silu", "rsqrt", "mean", "pow", "sub")),
@@ -33,18 +34,6 @@ def category(name: str) -> str:
         if any(k in name for k in keys):
             return label
     return "other ops"
-
-
-def read_bandwidth_gbs(mb: int = 512) -> float:
-    """Median GB/s of summing a large fp32 tensor (a streaming read, like weight loads)."""
-    data = torch.ones(mb * 2**20 // 4)
-    data.sum()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / sorted(times)[2] / 1e9
 
 
 def main() -> None:
@@ -91,19 +80,16 @@ def main() -> None:
         sampler.sample(logits[0])
     sample_s = (time.perf_counter() - start) / 50
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight")
-    if llm.config.tie_word_embeddings:
-        weight_bytes += model.embed.weight.numel() * model.embed.weight.element_size()  # read by the LM head
-    kv_bytes = 2 * llm.config.num_layers * llm.config.num_kv_heads * llm.config.head_dim * cache.length * cache.k.element_size()
+    wbytes, kvbytes = weight_bytes(model), kv_bytes(model, cache.length)
     bw = read_bandwidth_gbs()
-    bound = bw * 1e9 / (weight_bytes + kv_bytes)
+    bound = bw * 1e9 / (wbytes + kvbytes)
     print(f"decode step, {args.dtype}, {args.threads} threads, context {args.context}: mean wall {wall * 1e3:.2f} ms "
           f"({1 / wall:.1f} forwards/s)")
     for label, secs in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {label:28s} {secs * 1e3:7.2f} ms  {100 * secs / wall:5.1f} %")
     print(f"  {'python overhead (wall - ops)':28s} {(wall - in_ops) * 1e3:7.2f} ms  {100 * (wall - in_ops) / wall:5.1f} %")
     print(f"  {'sampling (greedy, per token)':28s} {sample_s * 1e3:7.2f} ms  (outside the forward)")
-    print(f"bytes read per step: weights {weight_bytes / 1e6:.1f} MB + KV cache {kv_bytes / 1e6:.1f} MB")
+    print(f"bytes read per step: weights {wbytes / 1e6:.1f} MB + KV cache {kvbytes / 1e6:.1f} MB")
     print(f"measured read bandwidth {bw:.1f} GB/s -> bound {bound:.1f} forwards/s; this step reaches "
           f"{100 * (1 / wall) / bound:.0f} % of it")
 

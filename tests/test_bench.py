@@ -133,6 +133,11 @@ def test_report_from_synthetic_records(tmp_path: Path) -> None:
     assert "| Runner | Multi-turn | QA | Overall | tau |" in report
     assert "| pld | 2.00x | 4.00x | 2.67x | 2.00 |" in report
     assert "- a note" in report
+    assert "Roofline" not in report  # no roofline measured: no section
+    roof = {"weight_bytes": 1e6, "bandwidth_gbs": 0.002, "bound_forwards_per_s": 2.0}
+    report = markdown_report(summary, {"roofline": roof, "methods": ["ar", "pld"]}, [])
+    assert "at most 2.0 forwards/s" in report
+    assert "| ar | 1.0 | 1.00 | 1.0 | 50 % |" in report and "| pld | 2.7 | 2.00 | 1.3 | 67 % |" in report
     plot_speedup(summary, str(tmp_path / "speedup.png"))
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -160,4 +165,5 @@ def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "## Speedup over fastdecode AR" in report and "| ar | 1.00x | 1.00x | 1.00x | 1.00 |" in report
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (out / "records.partial.jsonl").exists()  # the run finished: results.json holds it all
+    assert not (out / "records.partial.jsonl").exists()
+    assert results["info"]["roofline"]["bound_forwards_per_s"] > 0 and "## Roofline" in report  # the run finished: results.json holds it all

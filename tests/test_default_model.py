@@ -89,26 +89,16 @@ def test_every_method_greedy_fp32_equals_ar_on_the_real_model(default_llm_fp32, 
         assert default_llm_fp32.chat(messages, params, method=method)[0].token_ids == want, prompt
 
 
-def test_bf16_divergence_from_ar_only_starts_at_a_near_tie() -> None:
-    """bf16 weights, fp32 activations: an n-token forward sums in another order than a 1-token one,
-    so a method may leave AR's path, but only where AR's own top-2 logits nearly tie."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "int4"])
+def test_low_precision_methods_equal_ar_exactly(dtype: str) -> None:
+    """bf16 / int4 weights, fp32 activations: the kernels sum every output in one fixed order
+    whatever the number of tokens in the forward, so a draft tree reproduces AR bit for bit."""
     from fastdecode import LLM
 
-    llm = LLM(dtype="bfloat16", max_model_len=2048)
+    llm = LLM(dtype=dtype, max_model_len=2048)
     params = SamplingParams(max_tokens=64, temperature=0)
-    compared = 0
     for prompt in METHOD_PROMPTS:
         ids = llm.apply_chat_template([{"role": "user", "content": prompt}])
         ar = llm.generate(ids, params, method="ar")[0].token_ids
         for method in ("pld", "recycling", "auto"):
-            got = llm.generate(ids, params, method=method)[0].token_ids
-            compared += 1
-            if got == ar:
-                continue
-            first = next(i for i, (a, b) in enumerate(zip(ar, got)) if a != b)
-            cache = llm.model.new_cache()
-            context = torch.tensor(ids + ar[:first])
-            logits = llm.model(context, torch.arange(len(context)), cache, last_only=True)[0]
-            top2 = torch.topk(logits, 2).values
-            assert float(top2[0] - top2[1]) < 0.02, f"{method} left AR at token {first} without a near tie"
-    assert compared == 9
+            assert llm.generate(ids, params, method=method)[0].token_ids == ar, (dtype, method, prompt)

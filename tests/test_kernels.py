@@ -103,3 +103,78 @@ def test_build_failure_is_warned_once_and_remembered(monkeypatch: pytest.MonkeyP
     x, w, b = _inputs(1, 16, 3, bias=False)
     with pytest.raises(RuntimeError, match="unavailable"):
         kernels.bf16_linear(x, w, b)
+
+
+def test_a_row_does_not_depend_on_the_batch_or_the_threads() -> None:
+    """Bitwise: each output element is summed in one fixed order whatever n and the thread count."""
+    x, w, b = _inputs(37, 576, 203, bias=True)
+    full = kernels.bf16_linear(x, w, b)
+    for i in range(37):
+        assert torch.equal(kernels.bf16_linear(x[i : i + 1], w, b)[0], full[i]), f"row {i}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.bf16_linear(x, w, b), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _attention_case(n: int, length: int, heads: int = 4, kv_heads: int = 2, hd: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=g)
+    cache = torch.randn(2, 3, kv_heads, length + n + 5, hd, generator=g)  # (k|v, layers, ...)
+    angles = torch.rand(n, hd // 2, generator=g) * 6
+    rot = torch.stack([angles.cos(), angles.sin()], dim=-1).contiguous()
+    return qkv, cache[0].contiguous(), cache[1].contiguous(), rot
+
+
+def _attention_reference(qkv, k_cache, v_cache, layer, length, rot, mask, heads, kv_heads):
+    """Plain torch: rotate, write the cache, softmax attention (what model._attention_torch does)."""
+    n = qkv.shape[0]
+    hd = qkv.shape[1] // (heads + 2 * kv_heads)
+    x = qkv.view(n, heads + 2 * kv_heads, hd)
+    pairs = torch.view_as_complex(x[:, : heads + kv_heads].reshape(n, heads + kv_heads, hd // 2, 2).contiguous())
+    qk = torch.view_as_real(pairs * torch.view_as_complex(rot).unsqueeze(1)).flatten(-2)
+    k_cache[layer, :, length : length + n] = qk[:, heads:].transpose(0, 1)
+    v_cache[layer, :, length : length + n] = x[:, heads + kv_heads :].transpose(0, 1)
+    keys = k_cache[layer, :, : length + n].repeat_interleave(heads // kv_heads, 0)
+    values = v_cache[layer, :, : length + n].repeat_interleave(heads // kv_heads, 0)
+    if mask is None:
+        mask = torch.ones(n, length + n, dtype=torch.bool)
+        mask[:, length:] = torch.ones(n, n, dtype=torch.bool).tril()
+    scores = (qk[:, :heads].transpose(0, 1) @ keys.transpose(1, 2)) / hd**0.5
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values  # [heads, n, hd]
+    return attn.transpose(0, 1).reshape(n, heads * hd)
+
+
+@pytest.mark.parametrize("n,length,masked", [(1, 0, False), (1, 37, False), (5, 0, False), (7, 20, False),
+                                             (7, 20, True), (64, 9, True)])
+def test_attention_matches_torch(n: int, length: int, masked: bool) -> None:
+    op = kernels.attention_op()
+    qkv, k, v, rot = _attention_case(n, length)
+    mask = None
+    if masked:  # a random tree: each new token sees the cache, itself and a random earlier new token's path
+        parents = [-1] + [int(torch.randint(-1, i, (1,))) for i in range(1, n)]
+        mask = torch.zeros(n, length + n, dtype=torch.bool)
+        mask[:, :length] = True
+        for i, p in enumerate(parents):
+            mask[i, length + i] = True
+            if p >= 0:
+                mask[i, length:] |= mask[p, length:]
+    k2, v2 = k.clone(), v.clone()
+    got = op(qkv, k, v, 1, length, rot, mask, 4, 2)
+    want = _attention_reference(qkv, k2, v2, 1, length, rot, mask, 4, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k2, rtol=1e-6, atol=1e-6)  # the new keys landed in the pending slots, rotated
+    assert torch.equal(v, v2)
+
+
+def test_attention_bad_arguments_name_the_problem() -> None:
+    op = kernels.attention_op()
+    qkv, k, v, rot = _attention_case(3, 4)
+    with pytest.raises(RuntimeError, match="exceeds the cache"):
+        op(qkv, k, v, 0, k.shape[2] - 1, rot, None, 4, 2)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        op(qkv, k, v, 0, 4, rot, torch.ones(3, 5, dtype=torch.bool), 4, 2)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        op(qkv, k, v, 0, 4, rot, None, 3, 2)

@@ -32,7 +32,7 @@ def _pair(tmp_path: Path, variant: str):
     folder = make_tiny_model(tmp_path / variant, arch, **overrides)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     cfg, state, _ = load_checkpoint(str(folder))
-    return hf, build_model(cfg, state, torch.float32, max_len=256)
+    return hf, build_model(cfg, state, "float32", max_len=256)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -24,6 +24,7 @@ from typing import Any
 
 from fastdecode.bench.data import CATEGORIES, DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.bench.peers import PEERS
+from fastdecode.llm import DTYPES
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -56,7 +57,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--categories", default=",".join(CATEGORIES), help="comma-separated (default: all seven)")
     parser.add_argument("--limit", type=int, default=None, help="prompts per category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--threads", type=int, default=None, help="threads for every runner (default: torch's)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (our KV cache, llama.cpp)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds per runner")
@@ -76,6 +77,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from fastdecode.bench.report import markdown_report, plot_speedup, summarize
     from fastdecode.bench.run import machine_info, run_interleaved, warm_up
+    from fastdecode.roofline import roofline
 
     if args.max_new_tokens < 1 or args.warmup < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1 and --warmup={args.warmup} >= 0")
@@ -100,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     info = machine_info(llm, _threads(args)) | {
         "max_new_tokens": args.max_new_tokens, "limit": args.limit, "data": args.data, "warmup": args.warmup,
-        "runners": [r.name for r in runners],
+        "runners": [r.name for r in runners], "methods": [r.name for r in runners if r.kind == "method"],
+        "roofline": roofline(llm.model),
     }
     summary = summarize(records)
     results = {"info": info, "notes": notes, "summary": summary, "records": records}
@@ -116,7 +119,9 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     """The LLM, our method runners (ar always first: it is the reference) and the peer runners."""
     from fastdecode.bench.peers import MethodRunner, build_peers
     from fastdecode.drafters import METHODS, check_method
-    from fastdecode.llm import DTYPES, LLM
+    import torch
+
+    from fastdecode.llm import LLM
 
     methods = [check_method(m) for m in _split(args.methods)] if args.methods else list(METHODS)
     notes = []
@@ -126,7 +131,9 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len)
     runners = [MethodRunner(llm, m) for m in methods]
     peer_names = [] if args.peers.strip().lower() in ("", "none") else _split(args.peers)
-    peers, peer_notes = build_peers(peer_names, llm, DTYPES[args.dtype], _threads(args), llm.model.max_len)
+    # HF peers compute in bf16 unless we run fp32 (transformers has no CPU kernels for our block formats)
+    hf_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    peers, peer_notes = build_peers(peer_names, llm, hf_dtype, _threads(args), llm.model.max_len)
     return llm, runners + peers, notes + peer_notes
 
 

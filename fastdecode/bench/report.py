@@ -133,6 +133,7 @@ def markdown_report(summary: dict[str, dict[str, Stats]], info: dict[str, Any], 
         "## Tokens per target forward (tau)", "", *_table(summary, "tau", "{:.2f}"), "",
         "## Exactness: share of prompts whose tokens equal fastdecode AR's", "", *_table(summary, "exact", "{:.2f}"), "",
         "## Latency per turn, all categories (ms)", "", *_latency_table(summary), "",
+        *_roofline_section(summary, info),
         "## Notes", "", *[f"- {n}" for n in HOW_TO_READ + notes], "",
     ]
     return "\n".join(sections)
@@ -146,6 +147,28 @@ def _header(info: dict[str, Any]) -> str:
         ("limit", "prompts per category"), ("data", "data"), ("time", "time"),
     ]
     return "\n".join(f"- {label}: {info[key]}" for key, label in keys if info.get(key) is not None)
+
+
+def _roofline_section(summary: dict[str, dict[str, Stats]], info: dict[str, Any]) -> list[str]:
+    """How close each of our methods gets to the memory bound (peers read their own weights)."""
+    r = info.get("roofline")
+    if not r:
+        return []
+    bound = r["bound_forwards_per_s"]
+    lines = [
+        "## Roofline: the memory bound of one forward", "",
+        f"One forward reads {r['weight_bytes'] / 1e6:.1f} MB of weights (plus the KV cache); the measured read "
+        f"bandwidth is {r['bandwidth_gbs']:.1f} GB/s, so at most {bound:.1f} forwards/s. That is AR's bound in "
+        "tokens/s; a method's is tau times it.", "",
+        "| Runner | decode tok/s | tau | forwards/s | % of the bound |", "|---|---|---|---|---|",
+    ]
+    for runner in info.get("methods", []):
+        s = summary.get(runner, {}).get(OVERALL)
+        if not s or not s["decode_tps"] or not s["tau"]:
+            continue
+        forwards = s["decode_tps"] / s["tau"]
+        lines.append(f"| {runner} | {s['decode_tps']:.1f} | {s['tau']:.2f} | {forwards:.1f} | {100 * forwards / bound:.0f} % |")
+    return lines + [""]
 
 
 def _latency_table(summary: dict[str, dict[str, Stats]]) -> list[str]:

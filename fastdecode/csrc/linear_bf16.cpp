@@ -209,7 +209,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY(fastdecode_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 

@@ -1,0 +1,180 @@
+// The attention core of one decoder layer in one call, for n = 1..64 new tokens:
+//   RoPE on the new q and k heads -> k, v written to the cache's pending slots
+//   [length, length + n) -> softmax(q k^T / sqrt(hd) + mask) v over slots [0, length + n).
+// Replaces ~15 small torch ops per layer (complex views, transposes, copies, mask
+// building, SDPA) whose fixed per-op costs dominated a decode step.
+// Registered as torch.ops.fastdecode_kernels.attention; built with linear_*.cpp.
+//
+// Layout (fp32 everywhere):
+//   qkv   [n, (heads + 2 * kv_heads) * hd]: q heads, then k heads, then v heads, each
+//         head's q/k features stored as (x, y) pairs of the rotation (model.py's order);
+//   cache k, v [layers, kv_heads, max_len, hd];
+//   rot   [n, hd / 2, 2]: (cos, sin) of each pair's angle at each new token's position;
+//   mask  [n, length + n] bool (true = may attend), or none for causal.
+// Each (head, token) is one task summed in a fixed order, so the result for a token
+// does not depend on n or on the thread count.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float r = _mm_cvtss_f32(s);
+  for (; i < d; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// out[0..d) += p * v[0..d)
+inline void axpy(float p, const float* v, float* out, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < d; ++i) out[i] += p * v[i];
+}
+
+// e^x for 8 floats (Cephes' expf: x = k ln2 + r, a degree-6 polynomial in r, 2^k from the
+// exponent bits), ~2 ulp; inputs below -87 are clamped there (e^-87 ~ 1.6e-38: nothing next to
+// the softmax maximum's e^0). Callers zero masked lanes themselves.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for an exact-ish r
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
+inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
+  for (int64_t i = 0; i < hd; i += 2) {
+    const float c = rot[i], s = rot[i + 1], x = src[i], y = src[i + 1];
+    dst[i] = x * c - y * s;
+    dst[i + 1] = x * s + y * c;
+  }
+}
+
+at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
+                     int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
+                     int64_t kv_heads) {
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "heads = ", heads,
+              " must be a positive multiple of kv_heads = ", kv_heads);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.is_cpu(),
+              "qkv must be a contiguous float32 CPU tensor [n, (heads + 2 * kv_heads) * head_dim]");
+  const int64_t n = qkv.size(0), width = qkv.size(1);
+  TORCH_CHECK(width % (heads + 2 * kv_heads) == 0, "qkv width ", width, " is not (heads + 2 * kv_heads) * head_dim");
+  const int64_t hd = width / (heads + 2 * kv_heads);
+  TORCH_CHECK(hd % 2 == 0, "head_dim = ", hd, " must be even");
+  for (const at::Tensor* c : {&cache_k, &cache_v})
+    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->size(1) == kv_heads &&
+                    c->size(3) == hd,
+                "cache must be a contiguous float32 tensor [layers, ", kv_heads, ", max_len, ", hd, "]");
+  const int64_t max_len = cache_k.size(2), total = length + n;
+  TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "layer ", layer, " out of range");
+  TORCH_CHECK(0 <= length && total <= max_len, "length ", length, " + n ", n, " exceeds the cache (", max_len, ")");
+  TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.numel() == n * hd,
+              "rot must be a contiguous float32 tensor [n, head_dim / 2, 2]");
+  if (mask.has_value())
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
+                    mask->size(0) == n && mask->size(1) == total,
+                "mask must be a contiguous bool tensor [n, length + n] = [", n, ", ", total, "]");
+
+  const float* src = qkv.data_ptr<float>();
+  const float* r = rot.data_ptr<float>();
+  const int64_t head_stride = max_len * hd;
+  float* K = cache_k.data_ptr<float>() + layer * kv_heads * head_stride;
+  float* V = cache_v.data_ptr<float>() + layer * kv_heads * head_stride;
+  // New keys (rotated) and values into the pending slots.
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = src + t * width;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      float* kd = K + g * head_stride + (length + t) * hd;
+      rope(row + (heads + g) * hd, r + t * hd, kd, hd);
+      const float* v = row + (heads + kv_heads + g) * hd;
+      std::copy(v, v + hd, V + g * head_stride + (length + t) * hd);
+    }
+  }
+
+  at::Tensor out = at::empty({n, heads * hd}, qkv.options());
+  float* o = out.data_ptr<float>();
+  const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // One task per (head, token); grain keeps tiny contexts inline.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 8, 1));
+  at::parallel_for(0, heads * n, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(hd), score((total + 7) / 8 * 8);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / n, t = i % n, g = h / group;
+      rope(src + t * width + h * hd, r + t * hd, q.data(), hd);
+      const float* Kg = K + g * head_stride;
+      const float* Vg = V + g * head_stride;
+      const bool* mt = m ? m + t * total : nullptr;
+      const int64_t visible = m ? total : length + t + 1;  // causal: the cache and new tokens up to t
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < visible; ++j) {
+        if (mt && !mt[j]) {
+          score[j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        score[j] = dot(q.data(), Kg + j * hd, hd) * scale;
+        mx = std::max(mx, score[j]);
+      }
+      float* ot = o + t * heads * hd + h * hd;
+      std::fill(ot, ot + hd, 0.0f);
+      if (mx == -std::numeric_limits<float>::infinity()) continue;  // nothing visible: zeros
+      // Probabilities, vectorized (elementwise, so order-free); masked slots become exact zeros.
+      const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      // (score has room for a padded last group of 8, so every slot goes through exp8 alike)
+      std::fill(score.begin() + visible, score.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < visible; j += 8) {
+        const __m256 sj = _mm256_loadu_ps(score.data() + j);
+        const __m256 p = exp8(_mm256_sub_ps(sj, vmx));
+        _mm256_storeu_ps(score.data() + j, _mm256_and_ps(p, _mm256_cmp_ps(sj, ninf, _CMP_NEQ_OQ)));
+      }
+      // The sum runs in slot order and skips nothing (masked zeros add exactly nothing), so a
+      // token sees the same sum in a tree forward as in a one-token forward.
+      float sum = 0.0f;
+      for (int64_t jj = 0; jj < visible; ++jj) sum += score[jj];
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < visible; ++j)
+        if (score[j] != 0.0f) axpy(score[j] * inv, Vg + j * hd, ot, hd);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
+  m.def("attention(Tensor qkv, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, Tensor rot, "
+        "Tensor? mask, int heads, int kv_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
+  m.impl("attention", &attention);
+}
