@@ -10,14 +10,14 @@ from fastdecode.drafters import METHODS, check_method
 from fastdecode.cost import CostCurve
 from fastdecode.drafters.base import Drafter, DrafterEnv
 from fastdecode.engine import Engine
-from fastdecode.model import build_model
+from fastdecode.model import MATRIX_DTYPES, build_model
 from fastdecode.quant import QUANT_DTYPES, Blocks
 from fastdecode.output import RequestOutput
 from fastdecode.sampling import SamplingParams
 from fastdecode.weights import default_model_path, load_checkpoint
 
 # weight storage: bf16 / fp32 matrices, or ggml-style blocks (see quant.py); activations are fp32 in all
-DTYPES = ("bfloat16", "float32", "int8", "int4")
+DTYPES = tuple(MATRIX_DTYPES)
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_DRAFT_BUDGET = 8
 

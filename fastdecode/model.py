@@ -22,7 +22,8 @@ from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
 ATTENTION_KERNEL_MAX_NEW = 64  # decode steps and draft trees use csrc/attention.cpp; longer prefills SDPA
 
 # how each dtype stores the matrices while loading (block formats are applied after)
-MATRIX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32, "int4": torch.float32}
+# (the keys are the dtype names the API accepts, in the order help and errors list them)
+MATRIX_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.float32, "int4": torch.float32}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

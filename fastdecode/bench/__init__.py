@@ -117,10 +117,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]:
     """The LLM, our method runners (ar always first: it is the reference) and the peer runners."""
-    from fastdecode.bench.peers import MethodRunner, build_peers
-    from fastdecode.drafters import METHODS, check_method
     import torch
 
+    from fastdecode.bench.peers import MethodRunner, build_peers
+    from fastdecode.drafters import METHODS, check_method
     from fastdecode.llm import LLM
 
     methods = [check_method(m) for m in _split(args.methods)] if args.methods else list(METHODS)
