@@ -17,7 +17,7 @@ import torch
 
 from fastdecode.drafters.base import Drafter, StepResult
 from fastdecode.kv_cache import KVCache
-from fastdecode.model import Transformer
+from fastdecode.model import Segment, Transformer
 from fastdecode.output import RequestOutput, TextTracker
 from fastdecode.sampling import Sampler, SamplingParams
 from fastdecode.tree import DraftTree
@@ -33,7 +33,7 @@ class Engine:
         self, prompt: str, prompt_ids: list[int], params: SamplingParams, drafter: Drafter, budget: int
     ) -> Iterator[tuple[RequestOutput, TextTracker]]:
         """Generate; yields after the prefill and after every step, last with finish_reason set."""
-        self._check_prompt(prompt_ids)
+        check_prompt(prompt_ids, self.cache.max_len, self.model.cfg.vocab_size)
         out = RequestOutput(prompt, list(prompt_ids))
         tracker = TextTracker(self.tokenizer, params, self.eos_ids, out)
         sampler = Sampler(params, prompt_ids, self.model.cfg.vocab_size)
@@ -48,27 +48,11 @@ class Engine:
             yield out, tracker
         drafter.end(list(out.token_ids))
 
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt_ids) >= self.cache.max_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context length {self.cache.max_len} "
-                f"(prompt + at least one generated token must fit)"
-            )
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-
     def _prefill(self, prompt_ids: list[int], sampler: Sampler, tracker: TextTracker) -> bool:
         self.cache.truncate(0)
         tokens = torch.tensor(prompt_ids, dtype=torch.long)
         logits = self.model(tokens, torch.arange(len(prompt_ids)), self.cache, last_only=True)
-        self.cache.append(len(prompt_ids))
-        token = sampler.sample(logits[0])
-        sampler.accept(token)
-        return self._emit([token], tracker)
+        return commit_prefill(logits, sampler, tracker, self.cache)
 
     def _step(
         self, out: RequestOutput, sampler: Sampler, tracker: TextTracker, drafter: Drafter, budget: int
@@ -77,36 +61,74 @@ class Engine:
         if room < 0:
             tracker.finish("length")
             return True
-        context = out.prompt_token_ids + out.token_ids
-        tree = drafter.propose(context, min(budget, room))
-        if len(tree) > room:  # parents precede children, so any prefix of a tree is a tree
-            tree = DraftTree(tree.tokens[:room], tree.parents[:room])
+        tree = propose(drafter, out, budget, room)
         root = out.token_ids[-1]
-        logits = self._forward_tree(root, tree)
-        rows, emitted = verify(logits, tree, sampler)
-        self.cache.keep(rows)
-        drafter.update(StepResult(root, tree, logits, rows, emitted))
-        out.metrics.steps += 1
-        out.metrics.drafted += len(tree)
-        return self._emit(emitted, tracker)
+        segment = tree_segment(root, tree, self.cache)
+        logits = self.model(segment.tokens, segment.positions, self.cache, segment.mask)
+        return commit_step(logits, root, tree, sampler, tracker, drafter, self.cache)
 
-    def _forward_tree(self, root: int, tree: DraftTree) -> torch.Tensor:
-        """One target forward over [root] + tree; returns logits [len(tree) + 1, vocab]."""
-        tokens = torch.tensor([root] + tree.tokens, dtype=torch.long)
-        if not tree:
-            return self.model(tokens, torch.tensor([self.cache.length]), self.cache)
-        positions = self.cache.length + torch.tensor(tree.depths())
-        mask = torch.ones(len(tokens), self.cache.length + len(tokens), dtype=torch.bool)
-        mask[:, self.cache.length :] = tree.ancestor_mask()
-        return self.model(tokens, positions, self.cache, mask)
 
-    @staticmethod
-    def _emit(tokens: list[int], tracker: TextTracker) -> bool:
-        """Feed emitted tokens to the stop checks; tokens after a stop are dropped, as AR never made them."""
-        for token in tokens:
-            if tracker.add(token):
-                tracker.finish()
-                tracker.out.metrics.tokens = len(tracker.out.token_ids)
-                return True
-        tracker.out.metrics.tokens = len(tracker.out.token_ids)
-        return False
+def check_prompt(prompt_ids: list[int], max_len: int, vocab: int) -> None:
+    """Raise ValueError unless the prompt is non-empty, leaves room for a token and is in the vocabulary."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    if len(prompt_ids) >= max_len:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens does not fit the context length {max_len} "
+            f"(prompt + at least one generated token must fit)"
+        )
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+
+def propose(drafter: Drafter, out: RequestOutput, budget: int, room: int) -> DraftTree:
+    """The drafter's tree for the next step, cut to the `room` pending slots the cache has left."""
+    tree = drafter.propose(out.prompt_token_ids + out.token_ids, min(budget, room))
+    if len(tree) > room:  # parents precede children, so any prefix of a tree is a tree
+        tree = DraftTree(tree.tokens[:room], tree.parents[:room])
+    return tree
+
+
+def tree_segment(root: int, tree: DraftTree, cache: KVCache) -> Segment:
+    """The inputs of one target forward over [root] + tree (mask None when there is no tree)."""
+    tokens = torch.tensor([root] + tree.tokens, dtype=torch.long)
+    if not tree:
+        return Segment(tokens, torch.tensor([cache.length]), cache)
+    positions = cache.length + torch.tensor(tree.depths())
+    mask = torch.ones(len(tokens), cache.length + len(tokens), dtype=torch.bool)
+    mask[:, cache.length :] = tree.ancestor_mask()
+    return Segment(tokens, positions, cache, mask)
+
+
+def commit_prefill(logits: torch.Tensor, sampler: Sampler, tracker: TextTracker, cache: KVCache) -> bool:
+    """Commit a prompt's pending K/V and emit the first token from its last row's logits `[1, vocab]`."""
+    cache.append(len(tracker.out.prompt_token_ids))
+    token = sampler.sample(logits[0])
+    sampler.accept(token)
+    return emit([token], tracker)
+
+
+def commit_step(
+    logits: torch.Tensor, root: int, tree: DraftTree, sampler: Sampler, tracker: TextTracker, drafter: Drafter,
+    cache: KVCache,
+) -> bool:
+    """Verify a forward's logits `[len(tree) + 1, vocab]`, keep the accepted rows, tell the drafter,
+    emit the tokens; True when the request has finished."""
+    rows, emitted = verify(logits, tree, sampler)
+    cache.keep(rows)
+    drafter.update(StepResult(root, tree, logits, rows, emitted))
+    tracker.out.metrics.steps += 1
+    tracker.out.metrics.drafted += len(tree)
+    return emit(emitted, tracker)
+
+
+def emit(tokens: list[int], tracker: TextTracker) -> bool:
+    """Feed emitted tokens to the stop checks; tokens after a stop are dropped, as AR never made them."""
+    for token in tokens:
+        if tracker.add(token):
+            tracker.finish()
+            tracker.out.metrics.tokens = len(tracker.out.token_ids)
+            return True
+    tracker.out.metrics.tokens = len(tracker.out.token_ids)
+    return False

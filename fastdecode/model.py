@@ -8,6 +8,7 @@ matmuls per layer rather than many small ones.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -139,6 +140,64 @@ class Block(nn.Module):
         return attn[0].transpose(0, 1).reshape(n, self.n_heads * hd)
 
 
+    def forward_segments(self, x: torch.Tensor, segments: list["_Prepared"], layer: int) -> torch.Tensor:
+        """`forward` for several sequences at once: x is their rows concatenated; the linears run
+        once over all rows, attention once per segment against its own cache."""
+        qkv = _linear_rows(self.qkv, self.attn_norm(x), segments)
+        parts = []
+        for seg in segments:
+            rows, cache = qkv[seg.rows], seg.segment.cache
+            if seg.kernel is not None:
+                parts.append(seg.kernel(
+                    rows, cache.k, cache.v, layer, cache.length, seg.rot_real, seg.mask, self.n_heads, self.n_kv
+                ))
+            else:
+                view = rows.view(rows.shape[0], self.n_heads + 2 * self.n_kv, self.head_dim)
+                parts.append(self._attention_torch(view, seg.rot, cache, layer, seg.mask))
+        x = x + _linear_rows(self.o, torch.cat(parts) if len(parts) > 1 else parts[0], segments)
+        gate, up = _linear_rows(self.gate_up, self.mlp_norm(x), segments).chunk(2, dim=-1)
+        return x + _linear_rows(self.down, F.silu(gate) * up, segments)
+
+
+@dataclass
+class Segment:
+    """One sequence's part of a batched forward: the same arguments `Transformer.forward` takes."""
+
+    tokens: torch.Tensor  # [n] int64
+    positions: torch.Tensor  # [n] int64
+    cache: KVCache
+    mask: torch.Tensor | None = None  # [n, cache.length + n] bool; None = causal
+    last_only: bool = False
+
+
+@dataclass
+class _Prepared:
+    """A segment with its row range in the batch and its attention inputs."""
+
+    segment: Segment
+    rows: slice
+    rot: torch.Tensor  # [n, head_dim // 2] complex
+    rot_real: torch.Tensor | None
+    mask: torch.Tensor | None
+    kernel: Callable[..., torch.Tensor] | None
+
+
+def row_independent(linear: nn.Module) -> bool:
+    """True when a row's output does not depend on the other rows of the matmul, bit for bit: our
+    kernels (bf16 with AVX2, int8/int4). torch's fp32 GEMM picks its blocking from the shape."""
+    if isinstance(linear, QLinear):
+        return True
+    return linear.weight.dtype == torch.bfloat16 and bf16_linear_op() is not None
+
+
+def _linear_rows(linear: nn.Module, x: torch.Tensor, segments: list[_Prepared]) -> torch.Tensor:
+    """`linear(x)` over a batch's rows: one matmul when that is exact, else one per segment (so each
+    segment gets exactly the numbers its own forward would)."""
+    if len(segments) == 1 or row_independent(linear):
+        return linear(x)
+    return torch.cat([linear(x[seg.rows]) for seg in segments])
+
+
 def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """RoPE on `x [n, heads, hd]` whose q/k features are stored as interleaved pairs (see
     `_interleave_rope_rows`): one complex multiply instead of rotate-half's five ops."""
@@ -192,6 +251,44 @@ class Transformer(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """`forward` for several sequences in one pass (continuous batching): the matmuls run once
+        over every segment's rows, attention per segment. Each segment's logits (fp32 `[n or 1,
+        vocab]`) equal, bit for bit, what `forward` gives it alone when the linear kernels are
+        independent of the row count (bf16, int8, int4; see tests/test_server_batch.py)."""
+        if not segments:
+            return []
+        prepared, start = [], 0
+        for seg in segments:
+            prepared.append(self._prepare(seg, start))
+            start += seg.tokens.shape[0]
+        x = self.embed(torch.cat([s.tokens for s in segments])).float()
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_segments(x, prepared, layer)
+        out, start = [], 0  # the rows each segment wants logits for, in the batch's new order
+        for p in prepared:
+            n = 1 if p.segment.last_only else p.rows.stop - p.rows.start
+            out.append(replace(p, rows=slice(start, start + n)))
+            start += n
+        picked = torch.cat([x[p.rows.stop - 1 : p.rows.stop] if p.segment.last_only else x[p.rows] for p in prepared])
+        logits = _linear_rows(self.lm_head, self.norm(picked), out).float()
+        return [logits[p.rows] for p in out]
+
+    def _prepare(self, seg: Segment, start: int) -> _Prepared:
+        n, cache, mask = seg.tokens.shape[0], seg.cache, seg.mask
+        if n == 0:
+            raise ValueError("a segment needs at least one token")
+        cache.check_room(n)
+        if mask is not None and tuple(mask.shape) != (n, cache.length + n):
+            raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
+        rot = self.rope[seg.positions]
+        kernel = attention_op() if n <= ATTENTION_KERNEL_MAX_NEW else None
+        rot_real = torch.view_as_real(rot) if kernel is not None else None
+        if kernel is not None and mask is not None:
+            mask = mask.to(torch.bool).contiguous()
+        return _Prepared(seg, slice(start, start + n), rot, rot_real, mask, kernel)
 
     def load_hf_state(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up, cast to `dtype`."""
