@@ -1,4 +1,4 @@
-"""Command line: `fastdecode generate | chat | info | bench`."""
+"""Command line: `fastdecode generate | chat | info | serve | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     info = sub.add_parser("info", help="architecture, sizes, dtype, threads")
     _add_model_args(info)
+    _add_serve_parser(sub)
     try:
         from fastdecode.bench import add_bench_parser
     except ImportError:
@@ -51,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--method", default="auto", help=f"default decoding method: {', '.join(METHODS)}")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (one KV cache each)")
+    serve.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 429")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _sampling(args: argparse.Namespace):
@@ -115,6 +129,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    if args.command == "serve":
+        from fastdecode.server import serve
+
+        commands["serve"] = serve
     if args.command == "bench":
         from fastdecode.bench import run_bench
 
