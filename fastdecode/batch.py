@@ -50,7 +50,7 @@ class Update:
     error: str | None = None  # set when the engine failed on this request (the server answers 500)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class Request:
     prompt: str
     prompt_ids: list[int]
@@ -65,7 +65,7 @@ class Request:
         self.cancelled = True
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
     request: Request
     out: RequestOutput
@@ -214,18 +214,24 @@ class BatchEngine:
                 self._publish(seq, 0, True)
             for seq, plan, rows in zip(busy, plans, logits):
                 before = len(seq.out.token_ids)
-                if plan is None:
-                    seq.prefilled = True
-                    done = commit_prefill(rows, seq.sampler, seq.tracker, seq.cache)
-                else:
-                    done = commit_step(rows, plan[1], plan[2], seq.sampler, seq.tracker, seq.drafter, seq.cache)
+                try:
+                    if plan is None:
+                        seq.prefilled = True
+                        done = commit_prefill(rows, seq.sampler, seq.tracker, seq.cache)
+                    else:
+                        done = commit_step(rows, plan[1], plan[2], seq.sampler, seq.tracker, seq.drafter, seq.cache)
+                except Exception as exc:  # this request's sampling failed: fail it alone
+                    finished.append(seq)
+                    self._publish(seq, 0, True, f"{type(exc).__name__}: {exc}")
+                    continue
                 if done:
                     finished.append(seq)
                 self._publish(seq, len(seq.out.token_ids) - before, done)
         self._leave(finished)
 
-    def _publish(self, seq: _Running, new_tokens: int, done: bool) -> None:
-        update = Update(seq.tracker.delta(), new_tokens, seq.out, time.perf_counter(), done)
+    def _publish(self, seq: _Running, new_tokens: int, done: bool, error: str | None = None) -> None:
+        text = "" if error else seq.tracker.delta()
+        update = Update(text, new_tokens, seq.out, time.perf_counter(), done, error)
         try:
             seq.request.on_update(update)
         except Exception:  # the consumer is gone (e.g. its event loop closed): stop working for it

@@ -95,6 +95,7 @@ class Sampler:
             sorted_p, order = torch.sort(probs, descending=True)
             # drop a token when the mass strictly before it already reaches top_p (the top one always stays)
             drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
+            drop[0] = False  # also when top_p is below fp32's smallest number (it rounds to 0)
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)

@@ -312,3 +312,13 @@ def test_memory_stays_bounded_over_many_requests(one_slot_server) -> None:
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert app.state.engine.num_caches == 1
     assert after - before < 50_000, f"peak RSS grew by {after - before} KiB over 150 requests"
+
+
+def test_extreme_but_valid_sampling_values_work(client) -> None:
+    """Found by the fuzzer: a top_p below fp32's range, and a temperature whose inverse overflows."""
+    kw = dict(model="tiny", prompt="edge", max_tokens=6)
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    assert client.completions.create(temperature=1e-300, **kw).choices[0].text == greedy
+    assert client.completions.create(temperature=1.0, top_p=5e-324, seed=1, **kw).choices[0].text == greedy
+    reply = client.completions.create(temperature=2.0, seed=1, extra_body={"repetition_penalty": 0.01}, **kw)
+    assert reply.usage.completion_tokens >= 1

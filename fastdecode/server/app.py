@@ -34,10 +34,9 @@ from fastdecode.drafters import METHODS
 from fastdecode.llm import LLM
 from fastdecode.sampling import SamplingParams
 from fastdecode.server.metrics import ServerMetrics
-from fastdecode.server.protocol import ChatRequest, CompletionRequest, SamplingFields
+from fastdecode.server.protocol import GREEDY_BELOW, ChatRequest, CompletionRequest, SamplingFields
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -233,21 +232,25 @@ class _Context:
 
     async def _complete(self, http: HTTPRequest, request: Request, updates: asyncio.Queue,
                         reply: "_Reply") -> Response:
-        while True:
-            try:
-                update: Update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    self._cancel(request)
-                    return Response(status_code=499)  # nobody reads it
-                continue
-            except asyncio.CancelledError:
+        async def last_update() -> Update:
+            while not (update := await updates.get()).done:
+                pass
+            return update
+
+        result, gone = asyncio.ensure_future(last_update()), asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not result.done():
+                result.cancel()
                 self._cancel(request)
-                raise
-            if update.error:
-                raise APIError(500, f"generation failed: {update.error}", "server_error")
-            if update.done:
-                return JSONResponse(reply.whole(update.output))
+        if not result.done():
+            return Response(status_code=499)  # the client has gone: nobody reads this
+        update = result.result()
+        if update.error:
+            raise APIError(500, f"generation failed: {update.error}", "server_error")
+        return JSONResponse(reply.whole(update.output))
 
     def _cancel(self, request: Request) -> None:
         request.cancel()
@@ -298,6 +301,12 @@ class _Reply:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+async def _disconnected(http: HTTPRequest) -> None:
+    """Return once the client has closed the connection (the request body has been read already)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _model_name(path: str) -> str:
     p = Path(str(path))
     return p.stem if p.suffix == ".gguf" else p.name
@@ -315,7 +324,7 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
 def _sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            max_tokens=max_tokens, temperature=0.0 if body.temperature < GREEDY_BELOW else body.temperature, top_k=body.top_k, top_p=body.top_p,
             min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop,
         )

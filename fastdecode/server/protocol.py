@@ -22,6 +22,9 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+GREEDY_BELOW = 1e-5  # a smaller temperature is taken as 0 (greedy), as vLLM does: 1 / t would overflow
+
+
 class SamplingFields(_Body):
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -37,7 +40,7 @@ class SamplingFields(_Body):
     # extensions
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 keeps all")
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     method: str | None = Field(None, description="decoding method (default: the server's --method)")
 
     @field_validator("n")
