@@ -148,3 +148,12 @@ def test_submit_refuses_bad_requests_with_clear_errors(llm_bf16: LLM) -> None:
         engine.encode([5, 99999])
     with pytest.raises(ValueError, match="max_batch=0"):
         BatchEngine(llm_bf16, max_batch=0)
+
+
+def test_serve_command_parses_and_refuses_an_unknown_method(capsys) -> None:
+    from fastdecode.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--max-batch", "4", "--port", "9", "--api-key", "k"])
+    assert (args.max_batch, args.port, args.api_key, args.method, args.host) == (4, 9, "k", "auto", "127.0.0.1")
+    assert main(["serve", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
