@@ -1,11 +1,12 @@
 """Native CPU kernels for small-batch linears with fp32 activations: bf16 and block-quantized weights.
 
-This module owns building, loading and calling ``csrc/linear_bf16.cpp``, ``csrc/linear_q.cpp``
-and ``csrc/attention.cpp`` (one extension). The linears compute ``y[n, N] = x[n, K] @ W[N, K]^T (+ bias)`` with ``x``, ``bias`` and
+This module owns building, loading and calling ``csrc/linear_bf16.cpp``, ``csrc/linear_q.cpp``,
+``csrc/attention.cpp`` and ``csrc/layer.cpp`` (one extension). The linears compute ``y[n, N] = x[n, K] @ W[N, K]^T (+ bias)`` with ``x``, ``bias`` and
 ``y`` in float32 and fp32 accumulation; ``W`` is stored as bfloat16 (``bf16_linear``) or in ggml's
 32-weight blocks, Q4_1 or Q8_0 (``q_linear``, with activations quantized to int8 per block as
 llama.cpp does; see ``fastdecode/quant.py``). ``attention`` does a
-layer's RoPE, KV-cache writes and attention for up to 64 new tokens in one call.
+layer's RoPE, KV-cache writes and attention for up to 64 new tokens in one call, and ``layer`` a
+whole decoder layer (norms, linears, attention, SiLU, residuals) in one call.
 
 Why it exists: on AVX2-only CPUs (no AVX512-BF16/AMX, e.g. the 2-core AMD EPYC
 this runtime is tuned on) torch's bf16 GEMM is fast only for one row. Measured
@@ -35,13 +36,13 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "attention_op", "bf16_linear", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
+    "attention_op", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op",
 ]
 
-_SOURCES = [
-    Path(__file__).resolve().parent / "csrc" / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp")
-]
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp", "layer.cpp")]
+_HEADERS = [_CSRC / "kernels.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
 _lock = threading.Lock()
@@ -54,7 +55,7 @@ def source_digest() -> str:
     import hashlib
 
     h = hashlib.sha1()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     return h.hexdigest()[:12]
 
@@ -87,7 +88,8 @@ def _build() -> Any:
         flags.append("-fopenmp")
         ldflags.append("-fopenmp")
     cpp_extension.load(
-        name=_EXTENSION_NAME,
+        # torch rebuilds when a source changes but not a header: the digest in the name covers both
+        name=f"{_EXTENSION_NAME}_{source_digest()}",
         sources=[str(src) for src in _SOURCES],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -138,6 +140,12 @@ def attention_op() -> Callable[..., torch.Tensor] | None:
     RoPE, the pending KV writes and attention of one layer in one call (csrc/attention.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.attention
+
+
+def layer_ops() -> Any:
+    """The namespace with `layer` (a whole decoder layer in one call), `rms_norm` and `silu_mul`
+    (csrc/layer.cpp), or None when the kernels are unavailable."""
+    return _load()
 
 
 def q_linear_op() -> Callable[..., torch.Tensor] | None:

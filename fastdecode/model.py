@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import attention_op, bf16_linear_op
+from fastdecode.kernels import attention_op, bf16_linear_op, layer_ops
 from fastdecode.kv_cache import KVCache
 from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
 
@@ -63,7 +63,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = layer_ops()  # the fused layer's own norm, so every path gives the same bits
+        if ops is not None and x.dim() == 2 and x.dtype == torch.float32:
+            return ops.rms_norm(x.contiguous(), self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] (the fused layer's own code when it is built)."""
+    ops = layer_ops()
+    if ops is not None and gate_up.dim() == 2 and gate_up.dtype == torch.float32:
+        return ops.silu_mul(gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class Linear(nn.Module):
@@ -87,6 +99,10 @@ class Linear(nn.Module):
         y = F.linear(x.to(self.weight.dtype), self.weight).float()  # slow where the CPU lacks bf16 math
         return y if self.bias is None else y + self.bias
 
+    def spec(self) -> list[torch.Tensor | None]:
+        """[weight, scales, mins, bias]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
+        return [self.weight, None, None, self.bias]
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -99,6 +115,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._specs: list[list[torch.Tensor | None]] | None = None  # the linears as layer() takes them
 
     def forward(
         self,
@@ -111,14 +128,21 @@ class Block(nn.Module):
         rot_real: torch.Tensor | None = None,  # [n, head_dim // 2, 2] (cos, sin)
     ) -> torch.Tensor:
         n, hd = x.shape[0], self.head_dim
+        ops = layer_ops()
+        if attention is not None and ops is not None:  # the whole layer in one native call
+            if self._specs is None:
+                self._specs = [m.spec() for m in (self.qkv, self.o, self.gate_up, self.down)]
+            return ops.layer(
+                x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, *self._specs,
+                cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv,
+            )
         qkv = self.qkv(self.attn_norm(x))
         if attention is not None:
             attn = attention(qkv, cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv)
             x = x + self.o(attn)
         else:
             x = x + self.o(self._attention_torch(qkv.view(n, self.n_heads + 2 * self.n_kv, hd), rot, cache, layer, mask))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return x + self.down(silu_mul(self.gate_up(self.mlp_norm(x))))
 
     def _attention_torch(
         self, qkv: torch.Tensor, rot: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None
@@ -155,8 +179,7 @@ class Block(nn.Module):
                 view = rows.view(rows.shape[0], self.n_heads + 2 * self.n_kv, self.head_dim)
                 parts.append(self._attention_torch(view, seg.rot, cache, layer, seg.mask))
         x = x + _linear_rows(self.o, torch.cat(parts) if len(parts) > 1 else parts[0], segments)
-        gate, up = _linear_rows(self.gate_up, self.mlp_norm(x), segments).chunk(2, dim=-1)
-        return x + _linear_rows(self.down, F.silu(gate) * up, segments)
+        return x + _linear_rows(self.down, silu_mul(_linear_rows(self.gate_up, self.mlp_norm(x), segments)), segments)
 
 
 @dataclass

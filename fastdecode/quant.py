@@ -116,6 +116,10 @@ class QLinear(nn.Module):
     def blocks(self) -> Blocks:
         return Blocks(self.kind, self.codes, self.scales, self.mins)
 
+    def spec(self) -> list[torch.Tensor | None]:
+        """[codes, scales, mins, bias]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
+        return [self.codes, self.scales, self.mins, self.bias]
+
     @property
     def nbytes(self) -> int:
         """Bytes one pass over this matrix reads."""

@@ -178,3 +178,63 @@ def test_attention_bad_arguments_name_the_problem() -> None:
         op(qkv, k, v, 0, 4, rot, torch.ones(3, 5, dtype=torch.bool), 4, 2)
     with pytest.raises(RuntimeError, match="multiple of kv_heads"):
         op(qkv, k, v, 0, 4, rot, None, 3, 2)
+
+
+def test_rms_norm_and_silu_mul_match_torch() -> None:
+    ops = kernels.layer_ops()
+    g = torch.Generator().manual_seed(3)
+    for d in (7, 64, 576, 579):
+        x, w = torch.randn(5, d, generator=g) * 3, torch.randn(d, generator=g)
+        torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (d,), w, 1e-5), rtol=1e-5, atol=1e-6)
+        gate, up = torch.randn(5, d, generator=g) * 4, torch.randn(5, d, generator=g)
+        gate[0, :3] = torch.tensor([-100.0, 0.0, 90.0])  # far tails of the exp
+        torch.testing.assert_close(ops.silu_mul(torch.cat([gate, up], 1)), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="must be even"):
+        ops.silu_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int4", "float32"])
+def test_fused_layer_equals_its_pieces(dtype: str) -> None:
+    """`layer` is exactly rms_norm -> qkv -> attention -> o -> residual -> rms_norm -> gate_up ->
+    silu_mul -> down -> residual, run op by op from Python (bit for bit)."""
+    from fastdecode.quant import QLinear, quantize
+
+    heads, kv, hd, hidden, inter = 4, 2, 16, 64, 96
+    g = torch.Generator().manual_seed(5)
+
+    def lin(out_f: int, in_f: int, bias: bool = False) -> list:
+        w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+        b = torch.randn(out_f, generator=g) if bias else None
+        if dtype == "int4":
+            return QLinear(quantize(w, "q4_1"), b).spec()
+        return [w.to(getattr(torch, dtype)).contiguous(), None, None, b]
+
+    def run(spec: list, x: torch.Tensor) -> torch.Tensor:
+        w, scales, mins, b = spec
+        if w.dtype == torch.bfloat16:
+            return kernels.bf16_linear_op()(x, w, b)
+        if w.dtype == torch.float32:
+            return F.linear(x, w, b)
+        return kernels.q_linear_op()(x, w, scales, mins, b)
+
+    qkv, o, gate_up, down = lin((heads + 2 * kv) * hd, hidden, True), lin(hidden, heads * hd), lin(2 * inter, hidden), lin(hidden, inter)
+    n1, n2 = torch.rand(hidden, generator=g) + 0.5, torch.rand(hidden, generator=g) + 0.5
+    ops = kernels.layer_ops()
+    for n, length in ((1, 9), (6, 9)):
+        x = torch.randn(n, hidden, generator=g)
+        rot = torch.view_as_real(torch.polar(torch.ones(n, hd // 2), torch.rand(n, hd // 2, generator=g) * 6)).contiguous()
+        k1 = torch.randn(2, kv, 32, hd, generator=g)
+        v1 = torch.randn(2, kv, 32, hd, generator=g)
+        k2, v2 = k1.clone(), v1.clone()
+        mask = torch.ones(n, length + n, dtype=torch.bool)
+        mask[:, length:] = torch.ones(n, n, dtype=torch.bool).tril()
+        got = ops.layer(x, n1, n2, 1e-5, qkv, o, gate_up, down, k1, v1, 1, length, rot, mask, heads, kv)
+        attn = kernels.attention_op()(run(qkv, ops.rms_norm(x, n1, 1e-5)), k2, v2, 1, length, rot, mask, heads, kv)
+        h = x + run(o, attn)
+        want = h + run(down, ops.silu_mul(run(gate_up, ops.rms_norm(h, n2, 1e-5))))
+        assert torch.equal(got, want)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    with pytest.raises(RuntimeError, match="qkv: a linear is"):
+        ops.layer(x, n1, n2, 1e-5, qkv[:2], o, gate_up, down, k1, v1, 1, length, rot, mask, heads, kv)

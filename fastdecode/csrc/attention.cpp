@@ -27,6 +27,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -50,25 +52,6 @@ inline void axpy(float p, const float* v, float* out, int64_t d) {
   for (; i < d; ++i) out[i] += p * v[i];
 }
 
-// e^x for 8 floats (Cephes' expf: x = k ln2 + r, a degree-6 polynomial in r, 2^k from the
-// exponent bits), ~2 ulp; inputs below -87 are clamped there (e^-87 ~ 1.6e-38: nothing next to
-// the softmax maximum's e^0). Callers zero masked lanes themselves.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for an exact-ish r
-  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 // dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
 inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
   for (int64_t i = 0; i < hd; i += 2) {
@@ -77,6 +60,10 @@ inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
     dst[i + 1] = x * s + y * c;
   }
 }
+
+}  // namespace
+
+namespace fastdecode {
 
 at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
                      int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
@@ -153,7 +140,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
       std::fill(score.begin() + visible, score.end(), -std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < visible; j += 8) {
         const __m256 sj = _mm256_loadu_ps(score.data() + j);
-        const __m256 p = exp8(_mm256_sub_ps(sj, vmx));
+        const __m256 p = fastdecode::exp8(_mm256_sub_ps(sj, vmx));
         _mm256_storeu_ps(score.data() + j, _mm256_and_ps(p, _mm256_cmp_ps(sj, ninf, _CMP_NEQ_OQ)));
       }
       // The sum runs in slot order and skips nothing (masked zeros add exactly nothing), so a
@@ -168,7 +155,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   return out;
 }
 
-}  // namespace
+}  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("attention(Tensor qkv, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, Tensor rot, "
@@ -176,5 +163,5 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
-  m.impl("attention", &attention);
+  m.impl("attention", &fastdecode::attention);
 }

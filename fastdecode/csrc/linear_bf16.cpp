@@ -32,6 +32,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int kRows = 2;                  // weight rows per register tile, n > 1
@@ -182,6 +184,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight,
                 "bias must be a contiguous float32 CPU tensor [N]");
 }
 
+}  // namespace
+
+namespace fastdecode {
+
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
   check_inputs(x, weight, bias);
@@ -207,12 +213,12 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-}  // namespace
+}  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
-  m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_linear", &fastdecode::bf16_linear);
 }

@@ -38,6 +38,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int64_t kBlock = 32;            // weights per block (both formats)
@@ -218,6 +220,10 @@ void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 }
 
 // codes uint8 [N, K/2] -> q4 (needs mins); codes int8 [N, K] -> q8.
+}  // namespace
+
+namespace fastdecode {
+
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
@@ -257,12 +263,12 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return y;
 }
 
-}  // namespace
+}  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
-  m.impl("q_linear", &q_linear);
+  m.impl("q_linear", &fastdecode::q_linear);
 }

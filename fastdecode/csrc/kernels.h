@@ -1,0 +1,39 @@
+// What the kernel files share: the ops other kernels call directly (the fused decoder layer in
+// layer.cpp calls the linears and attention without going back through Python) and exp8.
+#pragma once
+
+#include <immintrin.h>
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastdecode {
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias);
+at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
+                     int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
+                     int64_t kv_heads);
+
+// e^x for 8 floats (Cephes' expf: x = k ln2 + r, a degree-6 polynomial in r, 2^k from the
+// exponent bits), ~2 ulp; inputs below -87 are clamped there (e^-87 ~ 1.6e-38: nothing next to
+// the softmax maximum's e^0). Callers zero masked lanes themselves.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for an exact-ish r
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+}  // namespace fastdecode

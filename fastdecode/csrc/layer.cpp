@@ -1,0 +1,147 @@
+// One whole Llama decoder layer in one call, for the n = 1..64 rows of decode steps and draft
+// trees:
+//   h = rms_norm(x) -> qkv = h Wqkv -> attention (RoPE, pending KV writes, masked attention)
+//   -> x += attn Wo -> h = rms_norm(x) -> x += (silu(h Wgate) * h Wup) Wdown
+// Why: in Python each layer was ~12 torch ops plus module calls; their fixed costs (~10 ms of a
+// ~18 ms int4 decode step, measured with scripts/profile_step.py) were more than the matmuls.
+// Registered as torch.ops.fastdecode_kernels.{layer, rms_norm, silu_mul}; `rms_norm` and
+// `silu_mul` are the same code the layer runs, exposed so a batched forward that runs a layer
+// piece by piece (model.py's forward_segments) gets the same bits.
+//
+// Each linear is given as [weight or codes, scales, mins, bias] (Tensor?[]): bf16 weights go to
+// bf16_linear, uint8/int8 codes to q_linear (Q4_1 / Q8_0 blocks), fp32 weights to at::linear.
+// Every row is computed on its own in a fixed order (the norms, silu and adds are per row), so
+// with the bf16 and block kernels a row's result does not depend on n or the thread count.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace {
+
+using Spec = c10::List<std::optional<at::Tensor>>;
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(), name,
+              " must be a contiguous float32 CPU tensor [n, features], got ", x.scalar_type(), " ", x.sizes());
+}
+
+at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name) {
+  TORCH_CHECK(spec.size() == 4, name, ": a linear is [weight or codes, scales, mins, bias], got ", spec.size(),
+              " entries");
+  const std::optional<at::Tensor> w = spec.get(0), scales = spec.get(1), mins = spec.get(2), bias = spec.get(3);
+  TORCH_CHECK(w.has_value(), name, ": the weight is missing");
+  switch (w->scalar_type()) {
+    case at::kBFloat16:
+      return fastdecode::bf16_linear(x, *w, bias);
+    case at::kByte:
+    case at::kChar:
+      TORCH_CHECK(scales.has_value(), name, ": block codes need scales");
+      return fastdecode::q_linear(x, *w, *scales, mins, bias);
+    case at::kFloat:
+      return bias.has_value() ? at::linear(x, *w, *bias) : at::linear(x, *w);
+    default:
+      TORCH_CHECK(false, name, ": unsupported weight dtype ", w->scalar_type());
+  }
+}
+
+}  // namespace
+
+namespace fastdecode {
+
+// y = x / sqrt(mean(x^2) + eps) * w, row by row; the sum of squares runs in 8 lanes then the tail.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  const int64_t n = x.size(0), d = x.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d && weight.scalar_type() == at::kFloat &&
+                  weight.is_contiguous(),
+              "weight must be a contiguous float32 tensor [", d, "]");
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xr = xp + t * d;
+    float* yr = yp + t * d;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum8(acc);
+    for (; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= d; i += 8)
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv), _mm256_loadu_ps(wp + i)));
+    for (; i < d; ++i) yr[i] = xr[i] * inv * wp[i];
+  }
+  return y;
+}
+
+// gate_up [n, 2 * I] (gate | up) -> silu(gate) * up [n, I], silu(g) = g / (1 + e^-g).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up width ", gate_up.size(1), " must be even (gate | up)");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor y = at::empty({n, inter}, gate_up.options());
+  const float* g = gate_up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const float* gr = g + t * 2 * inter;
+    const float* ur = gr + inter;
+    float* yr = yp + t * inter;
+    int64_t i = 0;
+    for (; i + 8 <= inter; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(gr + i);
+      const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gv))));
+      _mm256_storeu_ps(yr + i, _mm256_mul_ps(s, _mm256_loadu_ps(ur + i)));
+    }
+    for (; i < inter; ++i) yr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
+  }
+  return y;
+}
+
+at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+                 const Spec& qkv, const Spec& o, const Spec& gate_up, const Spec& down, const at::Tensor& cache_k,
+                 const at::Tensor& cache_v, int64_t layer_index, int64_t length, const at::Tensor& rot,
+                 const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads) {
+  check_rows(x, "x");
+  const at::Tensor attn = attention(linear(rms_norm(x, attn_norm, eps), qkv, "qkv"), cache_k, cache_v,
+                                    layer_index, length, rot, mask, heads, kv_heads);
+  at::Tensor h = x + linear(attn, o, "o");
+  h.add_(linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down"));
+  return h;
+}
+
+}  // namespace fastdecode
+
+TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("layer(Tensor x, Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, "
+        "Tensor?[] gate_up, Tensor?[] down, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, "
+        "Tensor rot, Tensor? mask, int heads, int kv_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
+  m.impl("rms_norm", &fastdecode::rms_norm);
+  m.impl("silu_mul", &fastdecode::silu_mul);
+  m.impl("layer", &fastdecode::layer);
+}
