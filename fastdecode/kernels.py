@@ -37,7 +37,7 @@ import torch
 
 __all__ = [
     "attention_op", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
-    "q_linear_op",
+    "q_linear_op", "pack_panels", "unpack_panels",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -149,7 +149,8 @@ def layer_ops() -> Any:
 
 
 def q_linear_op() -> Callable[..., torch.Tensor] | None:
-    """The raw op `(x, codes, scales, mins, bias) -> y` (see `q_linear`), or None."""
+    """The raw op `(x, codes, scales, mins, bias, rows) -> y` on panel-packed blocks (see `q_linear`
+    and `pack_panels`), or None."""
     ops = _load()
     return None if ops is None else ops.q_linear
 
@@ -195,6 +196,54 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return op(x, weight, bias)
 
 
+PANEL = 8  # output rows per panel in q_linear's packed layout (see csrc/linear_q.cpp)
+
+
+def pack_panels(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ggml's row-major blocks -> q_linear's 8-row panels (csrc/linear_q.cpp explains the layout).
+
+    codes uint8 [N, K/2] (Q4_1) or int8 [N, K] (Q8_0), scales (and Q4_1 mins) float32 [N, K/32].
+    Returns codes [ceil(N/8), K/32 * 128 or 256], scales and mins [ceil(N/8), K/32, 8]; the last
+    panel is padded with zero rows. Raises ValueError on arrays that are not such blocks.
+    """
+    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D uint8 (Q4_1) or int8 (Q8_0) tensor, got {codes.dtype} {tuple(codes.shape)}")
+    q4 = codes.dtype == torch.uint8
+    n, width = codes.shape
+    per_block = 16 if q4 else 32
+    if width % per_block:
+        raise ValueError(f"codes width {width} is not a whole number of {per_block}-byte blocks (K must be a multiple of 32)")
+    nb = width // per_block
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n, nb)):
+            raise ValueError(f"{name} must be a float32 tensor [{n}, {nb}], got {t.dtype} {tuple(t.shape)}")
+    if q4 != (mins is not None):
+        raise ValueError("Q4_1 codes (uint8) need mins" if q4 else "Q8_0 codes (int8) take no mins")
+    pad = -n % PANEL
+
+    def panels(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [G, 8, ...], zero rows appended
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+        return t.reshape(-1, PANEL, *t.shape[1:])
+
+    groups = 4 if q4 else 8  # 32-byte vectors per panel-block
+    packed = panels(codes).reshape(-1, PANEL, nb, groups, 4).permute(0, 2, 3, 1, 4).reshape(-1, nb * groups * 32)
+    side = [None if t is None else panels(t).transpose(1, 2).contiguous() for t in (scales, mins)]
+    return packed.contiguous(), side[0], side[1]
+
+
+def unpack_panels(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of `pack_panels`: ggml's row-major blocks of the first `rows` rows."""
+    groups = 4 if codes.dtype == torch.uint8 else 8
+    nb = scales.shape[1]
+    flat = codes.reshape(-1, nb, groups, PANEL, 4).permute(0, 3, 1, 2, 4).reshape(-1, nb * groups * 4)
+    side = [None if t is None else t.transpose(1, 2).reshape(-1, nb)[:rows].contiguous() for t in (scales, mins)]
+    return flat[:rows].contiguous(), side[0], side[1]
+
+
 def q_linear(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -205,14 +254,19 @@ def q_linear(
     x: float32 [n, K] with K a multiple of 32; bias float32 [N] or None. As in llama.cpp, x is
     quantized per 32-block to int8 (scale max|x| / 127) and the block dots are integer. Every
     output element is summed in one fixed order, so a row's result does not depend on n or the
-    thread count.
+    thread count. (This packs the blocks on every call; `QLinear` packs once, at load.)
 
     Raises ValueError on bad arguments and RuntimeError if the kernels are unavailable.
     """
     op = q_linear_op()
     if op is None:
         raise RuntimeError(f"fastdecode q_linear kernel unavailable: {_failure}")
+    if x.dim() != 2 or codes.dim() != 2:
+        raise ValueError(f"x [n, K] and codes [N, bytes] must be 2-D, got {tuple(x.shape)} and {tuple(codes.shape)}")
+    if x.shape[1] % 32:
+        raise ValueError(f"K = {x.shape[1]} must be a multiple of 32")
+    packed = pack_panels(codes, scales, mins)
     try:
-        return op(x, codes, scales, mins, bias)
+        return op(x, *packed, bias, codes.shape[0])
     except RuntimeError as exc:  # the C++ checks name the bad argument and what is allowed
         raise ValueError(str(exc).splitlines()[0]) from exc

@@ -100,8 +100,8 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def spec(self) -> list[torch.Tensor | None]:
-        """[weight, scales, mins, bias]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
-        return [self.weight, None, None, self.bias]
+        """[weight, scales, mins, bias, rows]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
+        return [self.weight, None, None, self.bias, None]
 
 
 class Block(nn.Module):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdecode.kernels import q_linear_op
+from fastdecode.kernels import pack_panels, q_linear_op, unpack_panels
 
 BLOCK = 32
 QUANT_DTYPES = {"int4": "q4_1", "int8": "q8_0"}  # dtype name -> block format of the layer matrices
@@ -97,28 +97,38 @@ def from_gguf(raw: np.ndarray, kind: str, rows: int) -> Blocks:
 
 
 class QLinear(nn.Module):
-    """y = x dequant(W)^T (+ b) with W in blocks (x rounded to int8 per block inside; fp32 in and out)."""
+    """y = x dequant(W)^T (+ b) with W in blocks (x rounded to int8 per block inside; fp32 in and out).
+
+    The blocks are kept in the kernel's 8-row panel layout (`kernels.pack_panels`), packed once here.
+    """
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.kind = blocks.kind
-        self.register_buffer("codes", blocks.codes.contiguous())
-        self.register_buffer("scales", blocks.scales.float().contiguous())
-        self.register_buffer("mins", None if blocks.mins is None else blocks.mins.float().contiguous())
+        self.rows = blocks.codes.shape[0]
+        codes, scales, mins = pack_panels(
+            blocks.codes.contiguous(), blocks.scales.float().contiguous(),
+            None if blocks.mins is None else blocks.mins.float().contiguous(),
+        )
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        self._rows = torch.tensor(self.rows)
         self.op = q_linear_op()
         if self.op is None:
             raise RuntimeError("block-quantized dtypes need the fastdecode C++ kernels (AVX2/FMA CPU and a compiler)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x.contiguous(), self.codes, self.scales, self.mins, self.bias)
+        return self.op(x.contiguous(), self.codes, self.scales, self.mins, self.bias, self.rows)
 
     def blocks(self) -> Blocks:
-        return Blocks(self.kind, self.codes, self.scales, self.mins)
+        """The weights as ggml's row-major blocks."""
+        return Blocks(self.kind, *unpack_panels(self.codes, self.scales, self.mins, self.rows))
 
     def spec(self) -> list[torch.Tensor | None]:
-        """[codes, scales, mins, bias]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
-        return [self.codes, self.scales, self.mins, self.bias]
+        """[codes, scales, mins, bias, rows]: how the fused layer kernel takes a linear (csrc/layer.cpp)."""
+        return [self.codes, self.scales, self.mins, self.bias, self._rows]
 
     @property
     def nbytes(self) -> int:

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastdecode.kernels import bf16_linear, bf16_linear_available, q_linear
-from fastdecode.quant import quantize
+from fastdecode.kernels import bf16_linear, bf16_linear_available
+from fastdecode.quant import QLinear, quantize
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
@@ -50,16 +50,16 @@ def bench_shape(big_n: int, k: int, reps: int, stat: str) -> None:
     """Print one table block for weight shape [big_n, k]."""
     w_fp32 = torch.randn(big_n, k)
     w_bf16 = w_fp32.to(torch.bfloat16)
-    q8, q4 = quantize(w_fp32, "q8_0"), quantize(w_fp32, "q4_1")
-    q4_bytes = q4.codes.numel() + 8 * q4.scales.numel()
+    q8, q4 = QLinear(quantize(w_fp32, "q8_0"), None), QLinear(quantize(w_fp32, "q4_1"), None)  # packed once
+    q4_bytes = q4.nbytes
     reps = max(5, reps // 8) if w_bf16.numel() * 2 > 16e6 else reps  # keep the LM head quick
     base_bf16 = base_q4 = None
     for n in BATCHES:
         x = torch.randn(n, k)
         x_bf16 = x.to(torch.bfloat16)
         bf16k = time_ms(lambda: bf16_linear(x, w_bf16, None), reps, stat)
-        q8k = time_ms(lambda: q_linear(x, q8.codes, q8.scales, None, None), reps, stat)
-        q4k = time_ms(lambda: q_linear(x, q4.codes, q4.scales, q4.mins, None), reps, stat)
+        q8k = time_ms(lambda: q8.forward(x), reps, stat)
+        q4k = time_ms(lambda: q4.forward(x), reps, stat)
         tbf16 = time_ms(lambda: F.linear(x_bf16, w_bf16), reps, stat)
         tfp32 = time_ms(lambda: F.linear(x, w_fp32), reps, stat)
         base_bf16 = bf16k if base_bf16 is None else base_bf16

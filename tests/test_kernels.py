@@ -209,15 +209,15 @@ def test_fused_layer_equals_its_pieces(dtype: str) -> None:
         b = torch.randn(out_f, generator=g) if bias else None
         if dtype == "int4":
             return QLinear(quantize(w, "q4_1"), b).spec()
-        return [w.to(getattr(torch, dtype)).contiguous(), None, None, b]
+        return [w.to(getattr(torch, dtype)).contiguous(), None, None, b, None]
 
     def run(spec: list, x: torch.Tensor) -> torch.Tensor:
-        w, scales, mins, b = spec
+        w, scales, mins, b, rows = spec
         if w.dtype == torch.bfloat16:
             return kernels.bf16_linear_op()(x, w, b)
         if w.dtype == torch.float32:
             return F.linear(x, w, b)
-        return kernels.q_linear_op()(x, w, scales, mins, b)
+        return kernels.q_linear_op()(x, w, scales, mins, b, int(rows))
 
     qkv, o, gate_up, down = lin((heads + 2 * kv) * hd, hidden, True), lin(hidden, heads * hd), lin(2 * inter, hidden), lin(hidden, inter)
     n1, n2 = torch.rand(hidden, generator=g) + 0.5, torch.rand(hidden, generator=g) + 0.5

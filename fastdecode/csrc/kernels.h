@@ -12,7 +12,7 @@ namespace fastdecode {
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias);
+                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias, int64_t rows);
 at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
                      int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
                      int64_t kv_heads);

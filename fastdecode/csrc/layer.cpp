@@ -8,8 +8,9 @@
 // `silu_mul` are the same code the layer runs, exposed so a batched forward that runs a layer
 // piece by piece (model.py's forward_segments) gets the same bits.
 //
-// Each linear is given as [weight or codes, scales, mins, bias] (Tensor?[]): bf16 weights go to
-// bf16_linear, uint8/int8 codes to q_linear (Q4_1 / Q8_0 blocks), fp32 weights to at::linear.
+// Each linear is given as [weight or codes, scales, mins, bias, rows] (Tensor?[]): bf16 weights go
+// to bf16_linear, uint8/int8 panel-packed codes to q_linear (Q4_1 / Q8_0 blocks; rows is then a
+// 0-dim int64 tensor, the output rows), fp32 weights to at::linear.
 // Every row is computed on its own in a fixed order (the norms, silu and adds are per row), so
 // with the bf16 and block kernels a row's result does not depend on n or the thread count.
 #include <immintrin.h>
@@ -41,8 +42,8 @@ void check_rows(const at::Tensor& x, const char* name) {
 }
 
 at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name) {
-  TORCH_CHECK(spec.size() == 4, name, ": a linear is [weight or codes, scales, mins, bias], got ", spec.size(),
-              " entries");
+  TORCH_CHECK(spec.size() == 5, name, ": a linear is [weight or codes, scales, mins, bias, rows], got ",
+              spec.size(), " entries");
   const std::optional<at::Tensor> w = spec.get(0), scales = spec.get(1), mins = spec.get(2), bias = spec.get(3);
   TORCH_CHECK(w.has_value(), name, ": the weight is missing");
   switch (w->scalar_type()) {
@@ -50,8 +51,8 @@ at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name) {
       return fastdecode::bf16_linear(x, *w, bias);
     case at::kByte:
     case at::kChar:
-      TORCH_CHECK(scales.has_value(), name, ": block codes need scales");
-      return fastdecode::q_linear(x, *w, *scales, mins, bias);
+      TORCH_CHECK(scales.has_value() && spec.get(4).has_value(), name, ": block codes need scales and rows");
+      return fastdecode::q_linear(x, *w, *scales, mins, bias, spec.get(4)->item<int64_t>());
     case at::kFloat:
       return bias.has_value() ? at::linear(x, *w, *bias) : at::linear(x, *w);
     default:

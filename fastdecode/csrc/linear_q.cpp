@@ -1,36 +1,39 @@
-// y[n, N] = x[n, K] @ dequant(W)[N, K]^T + bias[N] with W stored in blocks of 32
-// consecutive input features per output row, in the two ggml formats this
-// project reads from GGUF files:
-//   * q4 (ggml Q4_1): codes uint8 [N, K/2], 16 bytes per block: the low nibbles
-//     are elements 0..15, the high nibbles elements 16..31; w = d * q + m with
-//     scales d and mins m as float32 [N, K/32].
-//   * q8 (ggml Q8_0): codes int8 [N, K]; w = d * q with scales d [N, K/32].
-// Built and loaded by fastdecode/kernels.py; registered as
-// torch.ops.fastdecode_kernels.q_linear.
+// y[n, N] = x[n, K] @ dequant(W)[N, K]^T + bias[N] with W in blocks of 32 consecutive input
+// features per output row, in the two ggml formats this project reads from GGUF files:
+//   * q4 (ggml Q4_1): 32 codes 0..15 per block, w = d * q + m (scale d, min m);
+//   * q8 (ggml Q8_0): 32 codes -127..127 per block, w = d * q.
+// Built and loaded by fastdecode/kernels.py (whose pack_panels turns ggml's row-major blocks
+// into the layout below); registered as torch.ops.fastdecode_kernels.q_linear.
 //
-// Design (AVX2, n = 1..64 rows), the scheme of llama.cpp's Q4_1 x Q8_1 dots:
-//  * Each activation row is quantized per 32-block to int8 with a scale
-//    (dx = max|x| / 127, round to nearest even): xq, dx, and sx = dx * sum(xq).
-//    Then a block's dot is exact integer arithmetic:
-//      sum_k w_k x_k = d dx (q . xq) + m sx        (q4; q8 has no m term)
-//    `maddubs` multiplies 32 unsigned x signed bytes into 16 int16 pair sums
-//    (at most 2 * 15 * 127, or 2 * 128 * 127 for q8: no saturation) and
-//    `madd` with ones widens them to 8 int32: 3 ops per 32 weights and token,
-//    against ~12 to decode 32 weights to fp32. Weight-decode work (nibble
-//    unpacking) is shared by the T tokens of a tile.
-//  * A tile of R weight rows x T tokens keeps R*T accumulators; every output
-//    element has exactly one accumulator that sees the blocks in order, and the
-//    m term is a separate fixed-order dot, so results depend neither on n nor
-//    on the thread count: a draft-tree forward gives the same numbers per token
-//    as a one-token forward, and speculative decoding stays token-for-token
-//    equal to AR with these weights.
-//  * The codes are 4 (q4) or 8 (q8) bits per weight plus fp32 scales, against
-//    bf16's 16: at n = 1 this op streams ~3.6x (q4) fewer bytes than bf16.
+// Layout: 8-row panels. Rows are grouped by 8 (zero rows pad the last group); for panel g and
+// block b the 8 rows' codes are interleaved 4 bytes at a time, so one 256-bit register holds
+// 4 consecutive input features of all 8 rows (lane r = row r):
+//   * q4: 128 bytes = 4 vectors V_p; byte 4r + c of V_p = byte 4p + c of row r's ggml block:
+//     its low nibble is element 4p + c, its high nibble element 16 + 4p + c;
+//   * q8: 256 bytes = 8 vectors V_j; byte 4r + c of V_j = element 4j + c of row r;
+//   * scales and mins [panels, blocks, 8]: the panel's 8 rows side by side.
+//
+// Compute (AVX2), llama.cpp's Q4_1 x Q8_1 block dot with rows in the lanes:
+//  * each activation row is quantized per 32-block to int8 (dx = max|x| / 127, round half to
+//    even): xq, dx and sx = dx * sum(xq). A block's dot is then exact integer arithmetic:
+//      sum_k w_k x_k = d dx (q . xq) + m sx        (q4; q8 has no m term);
+//  * 4 bytes of xq are broadcast to all lanes and `maddubs` multiplies them with V (unsigned
+//    codes x signed activations): each row's pair sums as int16. For q4 a block's 8 groups
+//    are summed in int16 (at most 8 * 2 * 15 * 127 = 30480: no overflow) and widened once
+//    with `madd`; q8 (|q| x sign-carrying x, llama.cpp's trick) widens every group;
+//  * then one fp32 multiply-add per block, token and 8 rows: acc += (d * dx) * dot, then
+//    acc += m * sx. In the previous row-per-accumulator kernel that float work was paid per
+//    row and dominated draft-tree forwards (a 16-token int4 forward cost 3.8x a 1-token one);
+//    here it is shared by 8 rows, and a panel-block's unpacked codes serve 4 tokens at a time.
+// Every output element is one lane of one accumulator that sees the blocks in order, so results
+// depend neither on n nor on the thread count: a draft-tree forward gives the same numbers per
+// token as a one-token forward, and speculative decoding stays token-for-token equal to AR.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,151 +45,134 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;            // weights per block (both formats)
-constexpr int kRows = 2;                  // weight rows per register tile, n > 1
-constexpr int kTokens = 4;                // tokens per register tile
-constexpr int kRowsSingle = 4;            // weight rows per tile when n == 1
-constexpr int64_t kL1Bytes = 16 * 1024;   // quantized activation bytes per token chunk
-constexpr int64_t kRowChunk = 64;         // weight rows per L2-resident chunk
-constexpr int64_t kPrefetchBlocks = 8;    // how many blocks ahead to prefetch codes
-constexpr int64_t kMinTaskMacs = 1 << 17; // below this a task runs inline
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// ggml Q4_1: the 32 codes of the block at q as unsigned bytes 0..15, in element order.
-struct Q4 {
-  static constexpr int64_t kBytes = 16;
-  static constexpr bool kHasMins = true;
-  static inline __m256i load(const uint8_t* q) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-  }
-  // 8 int32 partial sums of q . x (q unsigned, x signed)
-  static inline __m256i dot(__m256i q, const int8_t* x, __m256i ones) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-  }
-};
-
-// ggml Q8_0: the 32 signed codes of the block at q; maddubs wants one unsigned operand,
-// so |q| times x carrying q's sign (llama.cpp's trick; -128 works: |-128| = 128 unsigned).
-struct Q8 {
-  static constexpr int64_t kBytes = 32;
-  static constexpr bool kHasMins = false;
-  static inline __m256i load(const uint8_t* q) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  }
-  static inline __m256i dot(__m256i q, const int8_t* x, __m256i ones) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
-  }
-};
+constexpr int64_t kBlock = 32;             // weights per block (both formats)
+constexpr int kPanel = 8;                  // rows per panel (one per fp32 lane)
+constexpr int kTokens = 4;                 // tokens per register tile
+constexpr int64_t kPrefetchBlocks = 4;     // how many panel-blocks ahead to prefetch codes
+constexpr int64_t kMinTaskMacs = 1 << 17;  // below this a task runs inline
 
 struct Weights {
-  const uint8_t* codes;  // [N, nb * kBytes]
-  const float* scales;   // [N, nb]
-  const float* mins;     // [N, nb] or null (q8)
+  const uint8_t* codes;  // [panels, nb * bytes per panel-block]
+  const float* scales;   // [panels, nb, 8]
+  const float* mins;     // [panels, nb, 8] or null (q8)
   const float* bias;     // [N] or null
   int64_t nb;            // blocks per row = K / 32
 };
 
 struct Acts {
-  const int8_t* q;   // [n, K] quantized activations
-  const float* d;    // [n, nb] their block scales
-  const float* s;    // [n, nb] d * sum(q) per block (for the q4 m term)
+  const int8_t* q;  // [n, K] quantized activations
+  const float* d;   // [n, nb] their block scales
+  const float* s;   // [n, nb] d * sum(q) per block (for the q4 m term)
 };
 
-// sum_b a[b] * b[b] in a fixed order (8 lanes, then the tail)
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float r = hsum(acc);
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
+inline __m256i bcast4(const int8_t* p) {  // 4 bytes to all 8 lanes
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
 }
 
-// One R x T register tile over the whole of K: rows [r0, r0 + R), tokens [t0, t0 + T).
-template <class F, int R, int T>
-inline void tile(const Weights& W, int64_t r0, const Acts& X, int64_t t0, float* y, int64_t K, int64_t N) {
-  const int64_t nb = W.nb, row_bytes = nb * F::kBytes;
-  const uint8_t* codes = W.codes + r0 * row_bytes;
-  const float* scales = W.scales + r0 * nb;
-  const int8_t* xq = X.q + t0 * K;
-  const float* xd = X.d + t0 * nb;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R][T];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    if (b % (64 / F::kBytes) == 0) {
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(codes + r * row_bytes + (b + kPrefetchBlocks) * F::kBytes),
-                     _MM_HINT_T0);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m256i q = F::load(codes + r * row_bytes + b * F::kBytes);
-      const float dw = scales[r * nb + b];
-#pragma GCC unroll 16
+// Q4_1: the integer dots of one panel-block for T tokens; lane r of dot[t] = q_r . xq_t.
+struct Q4 {
+  static constexpr int64_t kBytes = 128;  // per panel-block
+  static constexpr bool kHasMins = true;
+  template <int T>
+  static inline void dots(const uint8_t* v, const int8_t* const* x, __m256i* dot) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i s16[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * p));
+      const __m256i lo = _mm256_and_si256(raw, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+#pragma GCC unroll 8
       for (int t = 0; t < T; ++t) {
-        const __m256 sum = _mm256_cvtepi32_ps(F::dot(q, xq + t * K + b * kBlock, ones));
-        acc[r][t] = _mm256_fmadd_ps(sum, _mm256_set1_ps(dw * xd[t * nb + b]), acc[r][t]);
+        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(lo, bcast4(x[t] + 4 * p)));
+        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(hi, bcast4(x[t] + 16 + 4 * p)));
+      }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) dot[t] = _mm256_madd_epi16(s16[t], ones);
+  }
+};
+
+// Q8_0: maddubs wants one unsigned operand, so |q| times x carrying q's sign (llama.cpp's trick;
+// a pair sum reaches 2 * 128 * 127, so each group is widened to int32 before the next).
+struct Q8 {
+  static constexpr int64_t kBytes = 256;
+  static constexpr bool kHasMins = false;
+  template <int T>
+  static inline void dots(const uint8_t* v, const int8_t* const* x, __m256i* dot) {
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * j));
+      const __m256i aq = _mm256_sign_epi8(q, q);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256i xs = _mm256_sign_epi8(bcast4(x[t] + 4 * j), q);
+        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, xs), ones));
       }
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
+};
+
+// One panel (rows r0 .. r0 + rows - 1, rows <= 8) x T tokens from t0, over the whole of K.
+template <class F, int T>
+inline void tile(const Weights& W, int64_t g, int64_t r0, int64_t rows, const Acts& X, int64_t t0, float* y,
+                 int64_t K, int64_t N) {
+  const int64_t nb = W.nb;
+  const uint8_t* codes = W.codes + g * nb * F::kBytes;
+  const float* scales = W.scales + g * nb * kPanel;
+  const float* mins = F::kHasMins ? W.mins + g * nb * kPanel : nullptr;
+  __m256 acc[T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const char* pf = reinterpret_cast<const char*>(codes + (b + kPrefetchBlocks) * F::kBytes);
+#pragma GCC unroll 4
+    for (int64_t l = 0; l < F::kBytes; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    const int8_t* x[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) x[t] = X.q + (t0 + t) * K + b * kBlock;
+    __m256i dot[T];
+    F::template dots<T>(codes + b * F::kBytes, x, dot);
+    const __m256 d = _mm256_loadu_ps(scales + b * kPanel);
+#pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
-      float s = hsum(acc[r][t]);
-      if (F::kHasMins) s += dot_f32(W.mins + (r0 + r) * nb, X.s + (t0 + t) * nb, nb);
-      y[(t0 + t) * N + r0 + r] = W.bias ? s + W.bias[r0 + r] : s;
+      const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(X.d[(t0 + t) * nb + b]));
+      acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot[t]), acc[t]);
+      if (F::kHasMins)
+        acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b * kPanel), _mm256_set1_ps(X.s[(t0 + t) * nb + b]), acc[t]);
     }
-}
-
-// R weight rows from r0 against tokens [t0, t1): full kTokens tiles, then the tail.
-template <class F, int R>
-void rows_x_tokens(const Weights& W, int64_t r0, const Acts& X, float* y, int64_t K, int64_t N,
-                   int64_t t0, int64_t t1) {
-  static_assert(kTokens == 4, "token tail below handles 1..3");
-  int64_t t = t0;
-  for (; t + kTokens <= t1; t += kTokens) tile<F, R, kTokens>(W, r0, X, t, y, K, N);
-  switch (t1 - t) {
-    case 1: tile<F, R, 1>(W, r0, X, t, y, K, N); break;
-    case 2: tile<F, R, 2>(W, r0, X, t, y, K, N); break;
-    case 3: tile<F, R, 3>(W, r0, X, t, y, K, N); break;
-    default: break;
+  }
+  alignas(32) float out[kPanel];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    _mm256_store_ps(out, acc[t]);
+    float* yt = y + (t0 + t) * N + r0;
+    for (int64_t r = 0; r < rows; ++r) yt[r] = W.bias ? out[r] + W.bias[r0 + r] : out[r];
   }
 }
 
-// Output rows [r0, r1) for all n tokens.
+// Panels [g0, g1) for all n tokens: a panel's codes stay in L1 while its token tiles pass.
 template <class F>
-void row_range(const Weights& W, const Acts& X, float* y, int64_t K, int64_t N, int64_t n, int64_t r0,
-               int64_t r1) {
-  if (n == 1) {  // a pure weight stream: wider row tiles, no token blocking
-    int64_t r = r0;
-    for (; r + kRowsSingle <= r1; r += kRowsSingle) tile<F, kRowsSingle, 1>(W, r, X, 0, y, K, N);
-    for (; r < r1; ++r) tile<F, 1, 1>(W, r, X, 0, y, K, N);
-    return;
-  }
-  const int64_t tc = std::max<int64_t>(kTokens, kL1Bytes / (K + 1) / kTokens * kTokens);
-  for (int64_t rc = r0; rc < r1; rc += kRowChunk) {
-    const int64_t rc_end = std::min(rc + kRowChunk, r1);
-    for (int64_t t0 = 0; t0 < n; t0 += tc) {
-      const int64_t t1 = std::min(t0 + tc, n);
-      int64_t r = rc;
-      for (; r + kRows <= rc_end; r += kRows) rows_x_tokens<F, kRows>(W, r, X, y, K, N, t0, t1);
-      for (; r < rc_end; ++r) rows_x_tokens<F, 1>(W, r, X, y, K, N, t0, t1);
+void panel_range(const Weights& W, const Acts& X, float* y, int64_t K, int64_t N, int64_t n, int64_t g0,
+                 int64_t g1) {
+  static_assert(kTokens == 4, "the token tail below handles 1..3");
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t r0 = g * kPanel, rows = std::min<int64_t>(kPanel, N - r0);
+    int64_t t = 0;
+    for (; t + kTokens <= n; t += kTokens) tile<F, kTokens>(W, g, r0, rows, X, t, y, K, N);
+    switch (n - t) {
+      case 1: tile<F, 1>(W, g, r0, rows, X, t, y, K, N); break;
+      case 2: tile<F, 2>(W, g, r0, rows, X, t, y, K, N); break;
+      case 3: tile<F, 3>(W, g, r0, rows, X, t, y, K, N); break;
+      default: break;
     }
   }
 }
@@ -219,26 +205,32 @@ void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
               " ", t.sizes());
 }
 
-// codes uint8 [N, K/2] -> q4 (needs mins); codes int8 [N, K] -> q8.
 }  // namespace
 
 namespace fastdecode {
 
+// Panel-packed codes (see the top of this file; kernels.pack_panels makes them from ggml's
+// row-major blocks): uint8 -> q4 (needs mins), int8 -> q8. `rows` is N, the true number of
+// output rows (the last panel may be padding).
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias) {
+                    const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias, int64_t rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "x must be a contiguous float32 CPU tensor [n, K]");
-  const int64_t n = x.size(0), K = x.size(1);
+  const int64_t n = x.size(0), K = x.size(1), N = rows;
   TORCH_CHECK(K % kBlock == 0, "K = ", K, " must be a multiple of 32");
+  TORCH_CHECK(N >= 0, "rows = ", N, " must be >= 0");
   const bool q4 = codes.scalar_type() == at::kByte;
   TORCH_CHECK(q4 || codes.scalar_type() == at::kChar, "codes must be uint8 (q4) or int8 (q8), got ",
               codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu() && codes.size(1) == (q4 ? K / 2 : K),
-              "codes must be a contiguous CPU tensor [N, ", (q4 ? K / 2 : K), "], got ", codes.sizes());
-  const int64_t N = codes.size(0), nb = K / kBlock;
-  check_float(scales, "scales", {N, nb});
+  const int64_t nb = K / kBlock, panels = (N + kPanel - 1) / kPanel;
+  const int64_t panel_bytes = nb * (q4 ? Q4::kBytes : Q8::kBytes);
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu() && codes.size(0) == panels &&
+                  codes.size(1) == panel_bytes,
+              "codes must be a contiguous CPU tensor [", panels, ", ", panel_bytes, "] (", N,
+              " rows in panels of 8), got ", codes.sizes());
+  check_float(scales, "scales", {panels, nb, kPanel});
   TORCH_CHECK(mins.has_value() == q4, q4 ? "q4 codes need mins" : "q8 codes take no mins");
-  if (mins.has_value()) check_float(*mins, "mins", {N, nb});
+  if (mins.has_value()) check_float(*mins, "mins", {panels, nb, kPanel});
   if (bias.has_value()) check_float(*bias, "bias", {N});
 
   at::Tensor y = at::empty({n, N}, x.options());
@@ -252,13 +244,10 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                   mins.has_value() ? mins->data_ptr<float>() : nullptr,
                   bias.has_value() ? bias->data_ptr<float>() : nullptr, nb};
   float* yp = y.data_ptr<float>();
-  // Groups of kRowsSingle rows (a multiple of kRows) so tiles never straddle tasks.
-  const int64_t groups = (N + kRowsSingle - 1) / kRowsSingle;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (kRowsSingle * n * K));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    const int64_t r0 = g0 * kRowsSingle, r1 = std::min(N, g1 * kRowsSingle);
-    if (q4) row_range<Q4>(W, X, yp, K, N, n, r0, r1);
-    else row_range<Q8>(W, X, yp, K, N, n, r0, r1);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (kPanel * n * K));
+  at::parallel_for(0, panels, grain, [&](int64_t g0, int64_t g1) {
+    if (q4) panel_range<Q4>(W, X, yp, K, N, n, g0, g1);
+    else panel_range<Q8>(W, X, yp, K, N, n, g0, g1);
   });
   return y;
 }
@@ -266,7 +255,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
-  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias) -> Tensor");
+  m.def("q_linear(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
