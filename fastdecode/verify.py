@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdecode.sampling import Sampler
+from fastdecode.sampling import Sampler, argmax_rows
 from fastdecode.tree import DraftTree
 
 
@@ -27,7 +27,7 @@ def verify(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tuple[lis
     """
     children = tree.children()
     if sampler.plain_greedy:
-        argmax = logits.argmax(dim=-1).tolist()  # one op for all rows
+        argmax = argmax_rows(logits)  # one op for all rows
         pick = argmax.__getitem__
     else:
         def pick(row: int) -> int:

@@ -123,3 +123,12 @@ def test_rank_hit_rates_follow_accepted_paths() -> None:
         drafter.successors[4] = [5, 6]
     after = drafter.rank_hit_rates()
     assert after[1] > before[1] and after[0] < before[0]
+
+
+@pytest.mark.parametrize("n,vocab,k", [(1, 49152, 8), (9, 49152, 8), (3, 320, 8), (2, 10, 3), (4, 8192, 4)])
+def test_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None:
+    """The chunked search (wide rows) and the plain one (narrow rows) find torch.topk's indices in order."""
+    from fastdecode.drafters.recycling import top_k_rows
+
+    x = np.random.default_rng(n * vocab).standard_normal((n, vocab)).astype(np.float32)
+    assert (top_k_rows(x, k) == torch.from_numpy(x).topk(k, dim=-1).indices.numpy()).all()

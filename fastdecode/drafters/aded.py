@@ -25,6 +25,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from fastdecode.sampling import argmax_rows
 from fastdecode.drafters.base import StepResult
 from fastdecode.tree import DraftTree
 
@@ -111,7 +112,7 @@ class Aded:
         rejected = [row for row in range(1, len(step.tree) + 1) if row not in accepted]
         if not rejected:
             return
-        top1 = step.logits[rejected].argmax(dim=-1).tolist()
+        top1 = argmax_rows(step.logits[rejected])
         tokens = [step.root] + step.tree.tokens
         for row, predicted in zip(rejected, top1):
             parent_row = step.tree.parents[row - 1] + 1
