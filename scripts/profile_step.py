@@ -1,8 +1,9 @@
 """Profile one decode step of the default model: where the time goes and what bounds it.
 
 Measures, with 2 threads (or --threads): the wall time of a 1-token decode forward at a given
-context length, split by torch.profiler into matmuls, attention, norms/RoPE/elementwise, KV-cache
-writes and the rest; the time of the sampling step (argmax / sample) separately; Python
+context length, split by torch.profiler into the fused decoder-layer calls (csrc/layer.cpp, which
+hold the layers' matmuls and attention), the other matmuls (the LM head), norms/elementwise,
+KV-cache writes and the rest; the time of the sampling step (argmax / sample) separately; Python
 overhead = wall time - time inside ATen ops. Then the bytes of weights and KV cache read per
 step, the machine's measured read bandwidth, and the bandwidth bound in forwards/s.
 
@@ -22,6 +23,7 @@ from fastdecode.roofline import kv_bytes, read_bandwidth_gbs, weight_bytes
 from fastdecode.sampling import Sampler
 
 CATEGORIES = [
+    ("decoder layers (fused call)", ("fastdecode_kernels::layer",)),  # csrc/layer.cpp: a layer is one op
     ("matmul", ("linear", "mm", "addmm", "bf16_linear", "q_linear", "matmul")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm")),
     ("kv cache write", ("copy_", "index_select", "index_put", "slice")),
