@@ -283,6 +283,9 @@ class Transformer(nn.Module):
         independent of the row count (bf16, int8, int4; see tests/test_server_batch.py)."""
         if not segments:
             return []
+        if len(segments) == 1:  # alone: `forward` itself (one native call per layer when short)
+            seg = segments[0]
+            return [self.forward(seg.tokens, seg.positions, seg.cache, seg.mask, seg.last_only)]
         prepared, start = [], 0
         for seg in segments:
             prepared.append(self._prepare(seg, start))
