@@ -90,6 +90,7 @@ class BatchEngine:
         self._free_caches: list[KVCache] = []  # grows up to max_batch, then is reused
         self._idle_drafters: dict[str, list[Drafter]] = {}  # drafters keep memory across requests
         self._stopping = False
+        self._looping = False  # the loop runs (on its own thread, or on the caller's in run())
         self._thread = threading.Thread(target=self._loop, name="fastdecode-engine", daemon=True)
 
     @property
@@ -102,7 +103,7 @@ class BatchEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._looping
 
     @property
     def num_caches(self) -> int:
@@ -110,14 +111,26 @@ class BatchEngine:
         return len(self._free_caches) + len(self._running)
 
     def start(self) -> "BatchEngine":
+        """Run the loop on a thread of its own."""
+        self._looping = True
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until stop() (from another thread).
+
+        Forwards are 2-3x slower on a thread other than the one that loaded the model and ran its
+        first forwards (OpenMP keeps a thread pool per thread that starts parallel regions; measured
+        in docs/server.md), so `fastdecode serve` runs the engine here, on the main thread."""
+        self._looping = True
+        self._loop()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def encode(self, prompt: str | list[int]) -> tuple[str, list[int]]:
         """(text, token ids) of a prompt given as text or token ids; raises ValueError if it cannot run."""
@@ -153,6 +166,12 @@ class BatchEngine:
         return request
 
     def _loop(self) -> None:
+        try:
+            self._loop_steps()
+        finally:
+            self._looping = False
+
+    def _loop_steps(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running:

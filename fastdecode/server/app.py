@@ -100,9 +100,10 @@ class Guard:
 
 def create_app(
     llm: LLM, model_name: str | None = None, method: str = "auto", max_batch: int = 8, max_waiting: int = 64,
-    api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+    api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, engine_thread: bool = True,
 ) -> FastAPI:
-    """The server app for `llm`; its engine thread starts and stops with the app's lifespan."""
+    """The server app for `llm`. With `engine_thread` its engine thread starts and stops with the
+    app's lifespan; without, the caller runs `app.state.engine.run()` on a thread of its choosing."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     engine = BatchEngine(llm, max_batch=max_batch, max_waiting=max_waiting)
@@ -112,9 +113,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
-        engine.stop()
+        if engine_thread:
+            engine.stop()
 
     app = FastAPI(title="fastdecode", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
