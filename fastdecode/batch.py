@@ -1,6 +1,6 @@
 """Continuous batching: every running request shares each target forward.
 
-An engine thread owns the model. Between steps, waiting requests join the running batch (up to
+One engine thread owns the model (its own, from start(), or the caller's, in run()). Between steps, waiting requests join the running batch (up to
 `max_batch`) and finished or cancelled ones leave it, giving back their KV cache. One step:
 
     every running request: its drafter proposes a tree ([root] + tree), or its prompt (prefill)
