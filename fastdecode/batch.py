@@ -1,7 +1,8 @@
 """Continuous batching: every running request shares each target forward.
 
 One engine thread owns the model (its own, from start(), or the caller's, in run()). Between
-steps, waiting requests join the running batch (up to `max_batch`) and finished or cancelled ones leave it, giving back their KV cache. One step:
+steps, waiting requests join the running batch (up to `max_batch`) and finished or cancelled
+ones leave it, giving back their KV cache. One step:
 
     every running request: its drafter proposes a tree ([root] + tree), or its prompt (prefill)
       --> ONE model.forward_batch over all of those segments
