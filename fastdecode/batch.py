@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdecode.drafters import METHODS, check_method
-from fastdecode.drafters.base import Drafter, DrafterEnv
+from fastdecode.drafters import check_method
+from fastdecode.drafters.base import Drafter, DraftRequest
 from fastdecode.engine import check_prompt, commit_prefill, commit_step, propose, tree_segment
 from fastdecode.kv_cache import KVCache
 from fastdecode.llm import LLM
@@ -193,11 +193,11 @@ class BatchEngine:
         cache = self._free_caches.pop() if self._free_caches else self.llm.model.new_cache()
         cache.truncate(0)
         idle = self._idle_drafters.setdefault(request.method, [])
-        drafter = idle.pop() if idle else METHODS[request.method](DrafterEnv(self.llm.config, self.llm.forward_cost))
-        drafter.begin(list(request.prompt_ids))
+        drafter = idle.pop() if idle else self.llm.new_drafter(request.method)
         out = RequestOutput(request.prompt, list(request.prompt_ids))
         tracker = TextTracker(self.llm.tokenizer, request.params, self.llm.eos_ids, out)
         sampler = Sampler(request.params, request.prompt_ids, self.llm.config.vocab_size)
+        drafter.begin(list(request.prompt_ids), DraftRequest(sampler, cache))
         return _Running(request, out, tracker, sampler, drafter, cache)
 
     def _leave(self, done: list[_Running]) -> None:

@@ -15,6 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights: bfloat16, float32, or block-quantized int8 (Q8_0) / int4 (Q4_1); activations fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for")
+    p.add_argument("--draft-model", default=None,
+                   help="a separate draft model for method 'draft' (same tokenizer; default: an early exit of --model)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +81,8 @@ def _sampling(args: argparse.Namespace):
 def _llm(args: argparse.Namespace):
     from fastdecode import LLM
 
-    return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
+               draft_model=args.draft_model)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

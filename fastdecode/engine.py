@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastdecode.drafters.base import Drafter, StepResult
+from fastdecode.drafters.base import Drafter, DraftRequest, StepResult
 from fastdecode.kv_cache import KVCache
 from fastdecode.model import Segment, Transformer
 from fastdecode.output import RequestOutput, TextTracker
@@ -37,7 +37,7 @@ class Engine:
         out = RequestOutput(prompt, list(prompt_ids))
         tracker = TextTracker(self.tokenizer, params, self.eos_ids, out)
         sampler = Sampler(params, prompt_ids, self.model.cfg.vocab_size)
-        drafter.begin(list(prompt_ids))
+        drafter.begin(list(prompt_ids), DraftRequest(sampler, self.cache))
         start = time.perf_counter()
         done = self._prefill(prompt_ids, sampler, tracker)
         out.metrics.prefill_s = time.perf_counter() - start

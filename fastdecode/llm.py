@@ -10,7 +10,7 @@ from fastdecode.drafters import METHODS, check_method
 from fastdecode.cost import CostCurve
 from fastdecode.drafters.base import Drafter, DrafterEnv
 from fastdecode.engine import Engine
-from fastdecode.model import MATRIX_DTYPES, build_model
+from fastdecode.model import MATRIX_DTYPES, Transformer, build_model
 from fastdecode.quant import QUANT_DTYPES, Blocks
 from fastdecode.output import RequestOutput
 from fastdecode.sampling import SamplingParams
@@ -32,6 +32,7 @@ class LLM:
         threads: int | None = None,
         max_model_len: int | None = None,
         draft_budget: int = DEFAULT_DRAFT_BUDGET,
+        draft_model: str | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
@@ -54,6 +55,8 @@ class LLM:
         self.draft_budget = draft_budget
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids)
+        self.draft_model_path = draft_model
+        self._draft_model: Transformer | None = None
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostCurve | None = None
 
@@ -109,8 +112,27 @@ class LLM:
         """The drafter for `method`, created once per LLM so it can remember across requests."""
         check_method(method)
         if method not in self._drafters:
-            self._drafters[method] = METHODS[method](DrafterEnv(self.config, self.forward_cost))
+            self._drafters[method] = self.new_drafter(method)
         return self._drafters[method]
+
+    def new_drafter(self, method: str) -> Drafter:
+        """A fresh drafter for `method` (the batch engine keeps one per running request)."""
+        check_method(method)
+        return METHODS[method](DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model))
+
+    def load_draft_model(self) -> Transformer | None:
+        """The separate draft model given as `draft_model` (loaded on first use), or None."""
+        if self.draft_model_path is None or self._draft_model is not None:
+            return self._draft_model
+        blocks: dict[str, Blocks] | None = {} if self.dtype in QUANT_DTYPES else None
+        config, state, tokenizer = load_checkpoint(self.draft_model_path, blocks)
+        if config.vocab_size != self.config.vocab_size or tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"draft model {self.draft_model_path} does not share the target's tokenizer "
+                f"(vocabularies of {config.vocab_size} and {self.config.vocab_size} tokens differ)"
+            )
+        self._draft_model = build_model(config, state, self.dtype, self.model.max_len, blocks)
+        return self._draft_model
 
     def forward_cost(self, n: int) -> float:
         """Measured time of an n-token forward over a 1-token one (measured on first use, cached on disk)."""

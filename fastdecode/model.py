@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -257,8 +257,10 @@ class Transformer(nn.Module):
         cache: KVCache,
         mask: torch.Tensor | None = None,  # [n, cache.length + n] bool; None = causal
         last_only: bool = False,
+        layers: Sequence[int] | None = None,  # run only these layers (self-drafting); None = all
     ) -> torch.Tensor:
-        """Run n new tokens; their K/V are left pending in `cache`. Returns fp32 logits [n or 1, vocab]."""
+        """Run n new tokens; their K/V are left pending in `cache` (in the layers that ran).
+        Returns fp32 logits [n or 1, vocab]."""
         n = tokens.shape[0]
         cache.check_room(n)
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
@@ -269,8 +271,8 @@ class Transformer(nn.Module):
         if kernel is not None and mask is not None:
             mask = mask.to(torch.bool).contiguous()
         x = self.embed(tokens).float()
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rot, cache, layer, mask, kernel, rot_real)
+        for layer in range(len(self.blocks)) if layers is None else layers:
+            x = self.blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()

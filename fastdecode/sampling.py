@@ -3,6 +3,13 @@
 The same Sampler scores a plain decoding step and every node a verifier walks through, so
 temperature, top-k/p, min-p and the penalties shape one and the same target distribution
 whichever decoding method runs.
+
+Sampling is the Gumbel-max trick with noise fixed per output position: the token at output
+index i is argmax(log p_i + g_i), where g_i is a vector of Gumbel(0, 1) draws seeded by (seed, i)
+alone. That is an exact draw from p_i, and it makes the output a function of the seed and the
+model only: a drafter that knows g_i can guess the target's pick (`Sampler.draft`), and whatever
+it guesses, the emitted tokens are those AR gives with the same seed (Daliri et al. 2024,
+"Drafter-invariant speculative decoding").
 """
 from __future__ import annotations
 
@@ -65,14 +72,31 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.numpy().argmax(-1).tolist()
 
 
+NUCLEUS_PROBE = 512  # top_p looks among this many best tokens first (a full sort of 49152 takes ~4 ms)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the nucleus: drop a token when the mass strictly before it (best first) already reaches
+    top_p; the top token always stays (also when top_p is below fp32's smallest number)."""
+    k = min(NUCLEUS_PROBE, probs.shape[-1])
+    best, order = torch.topk(probs, k)  # sorted, best first
+    drop = (best.cumsum(-1) - best) >= top_p
+    if not drop[-1] and k < probs.shape[-1]:  # the nucleus reaches past the probe: sort everything
+        best, order = torch.sort(probs, descending=True)
+        drop = (best.cumsum(-1) - best) >= top_p
+    drop[0] = False
+    return torch.zeros_like(probs).scatter_(-1, order, best.masked_fill(drop, 0.0))
+
+
 class Sampler:
     """Turns one row of logits into the next token, tracking the counts the penalties need."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
         self.params = params
         self.vocab_size = vocab_size
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else int(torch.seed()) % 2**63)
+        self.seed = params.seed if params.seed is not None else int(torch.seed())
+        self.count = 0  # tokens accepted so far: the output index of the next one
+        self._noise: dict[int, torch.Tensor] = {}
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + output, for repetition_penalty
         if prompt_ids:
@@ -85,6 +109,8 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         """Record an emitted token (penalties of later positions depend on it)."""
+        self._noise.pop(self.count, None)
+        self.count += 1
         self.output_counts[token] += 1
         self.seen[token] = True
 
@@ -98,20 +124,42 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if p.top_p < 1:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # drop a token when the mass strictly before it already reaches top_p (the top one always stays)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= p.top_p
-            drop[0] = False  # also when top_p is below fp32's smallest number (it rounds to 0)
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            probs = _top_p(probs, p.top_p)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return probs / probs.sum()
 
     def sample(self, logits: torch.Tensor) -> int:
-        """Next token from one row of fp32 logits `[vocab]`."""
+        """Next token (output index `count`) from one row of fp32 logits `[vocab]`."""
+        return self.draft(logits, 0)
+
+    def draft(self, logits: torch.Tensor, ahead: int) -> int:
+        """The token this sampler would pick `ahead` positions after the next one (output index
+        `count + ahead`) if `logits` were the target's there: drafters pass their own logits to
+        guess the target's pick; ahead = 0 with the target's logits is `sample`."""
         if self.params.greedy:
             return int(self._penalized(logits).numpy().argmax())
-        return int(torch.multinomial(self.probs(logits), 1, generator=self.generator))
+        scores = self.probs(logits).log_() + self.noise(self.count + ahead)
+        return int(scores.numpy().argmax())
+
+    def draft_with_prob(self, logits: torch.Tensor, ahead: int) -> tuple[int, float]:
+        """`draft`, and the probability `logits` give that token after processing (a drafter's
+        confidence; at temperature 0, the plain softmax's)."""
+        if self.params.greedy:
+            logits = self._penalized(logits)
+            token = int(logits.numpy().argmax())
+            return token, float(torch.softmax(logits, -1)[token])
+        probs = self.probs(logits)
+        token = int((probs.log() + self.noise(self.count + ahead)).numpy().argmax())
+        return token, float(probs[token])
+
+    def noise(self, index: int) -> torch.Tensor:
+        """Gumbel(0, 1) noise `[vocab]` of output position `index`, a function of (seed, index) only."""
+        if index not in self._noise:
+            g = torch.Generator().manual_seed((self.seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % 2**63)
+            u = torch.rand(self.vocab_size, generator=g)
+            self._noise[index] = u.clamp_(min=1e-30).log_().neg_().log_().neg_()
+        return self._noise[index]
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params

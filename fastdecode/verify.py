@@ -7,9 +7,12 @@ Transformers via Speculative Decoding"):
 
 At every node on the walk the target's token is drawn by the request's Sampler from the
 node's logits (argmax when greedy), and the walk descends into the child carrying that token.
-Because draft trees here are deterministic (no draft probabilities), drawing from the target
-and matching the children is exactly the multi-candidate rule of SpecInfer (Miao et al. 2024):
-lossless for greedy and sampling alike, and each emitted token consumes one draw, as in AR.
+The draw at output position i uses Gumbel noise fixed by (seed, i) alone (sampling.py), so the
+emitted tokens are exactly AR's with the same seed whatever the tree held: lossless for greedy
+and sampling alike. For deterministic drafts this is the multi-candidate rule of SpecInfer
+(Miao et al. 2024); model drafters guess with the same noise (`Sampler.draft_with_prob`), which
+couples their guesses to the target's picks (Daliri et al. 2024) in place of Leviathan et al.'s
+min(1, p/q) test, whose output would depend on the draft.
 """
 from __future__ import annotations
 

@@ -69,7 +69,29 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llm(tiny_llama_dir: Path):
     from fastdecode import LLM
 
-    return LLM(str(tiny_llama_dir), dtype="float32")
+    llm = LLM(str(tiny_llama_dir), dtype="float32")
+    force_model_drafting(llm)
+    return llm
+
+
+def force_model_drafting(llm) -> None:
+    """Make `llm`'s model-based drafters always draft their whole budget. On a 2-layer random model
+    no draft pays for itself, so the adaptive ones rightly stop drafting, and the method-wide
+    lossless tests would then check nothing for them. `layerskip` runs layer 1 only (its drafts
+    match more often than layer 0's); `draft` is the target itself as a separate draft model (its
+    own KV cache, drafts nearly always right)."""
+    from fastdecode.drafters.model import DraftModel, SkipLayers
+
+    plain = llm.new_drafter
+
+    def new_drafter(method: str):
+        if method == "layerskip":
+            return SkipLayers(llm.model, llm.forward_cost, [(1,)], adaptive=False)
+        if method == "draft":
+            return DraftModel(llm.model, llm.forward_cost, adaptive=False)
+        return plain(method)
+
+    llm.new_drafter = new_drafter
 
 
 @pytest.fixture(scope="session")

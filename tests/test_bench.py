@@ -167,3 +167,28 @@ def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "records.partial.jsonl").exists()
     assert results["info"]["roofline"]["bound_forwards_per_s"] > 0 and "## Roofline" in report  # the run finished: results.json holds it all
+
+
+def test_sampled_run_gives_every_method_ars_tokens(tmp_path: Path) -> None:
+    """With one seed for all, sampling is drafter-invariant (sampling.py): pld's tokens equal ar's."""
+    try:
+        default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "bench"
+    args = build_parser().parse_args([
+        "--data", BUILTIN, "--categories", "summarization", "--limit", "1", "--max-new-tokens", "24",
+        "--methods", "ar,pld", "--peers", "none", "--dtype", "int4", "--out", str(out), "--no-progress",
+        "--temperature", "0.7", "--top-p", "0.9", "--seed", "3",
+    ])
+    assert run_bench(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["info"]["temperature"], results["info"]["top_p"], results["info"]["seed"]) == (0.7, 0.9, 3)
+    assert results["summary"]["pld"][OVERALL]["exact"] == 1.0
+    assert "- temperature (0: greedy): 0.7" in (out / "report.md").read_text()
+
+
+def test_sampling_with_peers_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["--data", BUILTIN, "--peers", "hf", "--temperature", "0.5"])
+    assert run_bench(args) == 2
+    assert "--temperature=0.5" in capsys.readouterr().err

@@ -41,14 +41,23 @@ def test_top_k_top_p_min_p_never_emit_an_excluded_token() -> None:
         (SamplingParams(temperature=1.0, top_p=0.6, seed=2), nucleus),
     ]:
         sampler = Sampler(params, [], 50)
-        drawn = {sampler.sample(logits) for _ in range(300)}
+        drawn = set(_draws(sampler, logits, 300))
         assert drawn <= allowed and len(drawn) > 1
+
+
+def _draws(sampler: Sampler, logits: torch.Tensor, n: int) -> list[int]:
+    """n successive tokens, each accepted (the noise is per output position, so that moves it on)."""
+    out = []
+    for _ in range(n):
+        out.append(sampler.sample(logits))
+        sampler.accept(out[-1])
+    return out
 
 
 def test_samples_follow_the_processed_distribution() -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     sampler = Sampler(SamplingParams(temperature=0.7, seed=5), [], 5)
-    counts = torch.bincount(torch.tensor([sampler.sample(logits) for _ in range(4000)]), minlength=5).float()
+    counts = torch.bincount(torch.tensor(_draws(sampler, logits, 4000)), minlength=5).float()
     expected = torch.softmax(logits / 0.7, -1)
     assert (counts / 4000 - expected).abs().max() < 0.03
 
@@ -123,3 +132,31 @@ def test_invalid_sampling_values_name_the_field(kwargs: dict) -> None:
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"invalid {name}="):
         SamplingParams(**kwargs)
+
+
+def test_the_draw_at_a_position_is_a_function_of_seed_and_position() -> None:
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, seed=7)
+    a, b = Sampler(params, [], 40), Sampler(params, [], 40)
+    first = _draws(a, logits, 30)
+    ahead = [b.draft(logits, i) for i in range(30)]  # guessed before any token was accepted
+    assert first == ahead == _draws(b, logits, 30)
+    other = _draws(Sampler(SamplingParams(temperature=1.0, seed=8), [], 40), logits, 30)
+    assert other != first
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999999])
+def test_top_p_through_the_probe_equals_a_full_sort(top_p: float) -> None:
+    """The nucleus found among the best NUCLEUS_PROBE tokens (or, past them, by a full sort) is the
+    one a full sort gives: flat logits put the nucleus beyond the probe, peaked ones inside it."""
+    gen = torch.Generator().manual_seed(3)
+    for scale in (0.1, 3.0, 12.0):
+        logits = torch.randn(5000, generator=gen) * scale
+        probs = torch.softmax(logits, -1)
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        drop[0] = False
+        want = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        got = Sampler(SamplingParams(temperature=1.0, top_p=top_p), [], 5000).probs(logits)
+        assert torch.equal(got > 0, want > 0)
+        assert torch.allclose(got, want / want.sum())

@@ -6,8 +6,9 @@ Two checks, on the tiny random model (fp32):
   processors leave possible. A chi-square test must not reject (p > 0.001); an outcome the exact
   distribution gives probability 0 fails at once. Seeds are fixed, so the test is deterministic.
 - the same seed gives the same tokens with every method as with `ar`. The verifier draws each
-  emitted token from the target distribution with the request's generator (one draw per token,
-  in order, as AR does), so this is the expected behaviour, not a coincidence.
+  emitted token from the target distribution with Gumbel noise fixed by (seed, output position),
+  as AR does, so this is the expected behaviour, not a coincidence, also for the model drafters,
+  whose guesses use that same noise.
 
 Both use a prompt the model itself continues repetitively, so drafts really are accepted: a guard
 asserts more than one token per step on average, or the checks would prove nothing.

@@ -2,7 +2,8 @@
 
 What it measures: for each decoding method (ours, through `fastdecode.LLM`) and each peer
 (HF transformers `generate`, its prompt lookup, llama.cpp and its prompt lookup) on the same
-prompts, greedy at batch size 1: decode and end-to-end tokens/s per category, speedup over
+prompts, greedy (or sampled with --temperature, ours only) at batch size 1: decode and
+end-to-end tokens/s per category, speedup over
 our AR and over HF's AR, tau (tokens per target forward), exactness against our AR, TTFT and
 per-token latency. Runners are warmed up first and interleaved per prompt (see run.py).
 
@@ -60,6 +61,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--threads", type=int, default=None, help="threads for every runner (default: torch's)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (our KV cache, llama.cpp)")
+    parser.add_argument("--draft-model", default=None, help="a separate draft model for method 'draft'")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="> 0 samples (our methods only: use --peers none); every method gets the same seed")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed of every generation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds per runner")
     parser.add_argument("--out", default=None, help="output folder (default: bench_out/<timestamp>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     info = machine_info(llm, _threads(args)) | {
         "max_new_tokens": args.max_new_tokens, "limit": args.limit, "data": args.data, "warmup": args.warmup,
+        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         "runners": [r.name for r in runners], "methods": [r.name for r in runners if r.kind == "method"],
         "roofline": roofline(llm.model),
     }
@@ -122,15 +129,21 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     from fastdecode.bench.peers import MethodRunner, build_peers
     from fastdecode.drafters import METHODS, check_method
     from fastdecode.llm import LLM
+    from fastdecode.sampling import SamplingParams
 
     methods = [check_method(m) for m in _split(args.methods)] if args.methods else list(METHODS)
     notes = []
     if "ar" not in methods:
         notes.append("method ar added: speedups and exactness are measured against it")
     methods = ["ar"] + [m for m in methods if m != "ar"]
-    llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len)
-    runners = [MethodRunner(llm, m) for m in methods]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    SamplingParams(**sampling)  # checks the values
     peer_names = [] if args.peers.strip().lower() in ("", "none") else _split(args.peers)
+    if peer_names and args.temperature > 0:
+        raise ValueError(f"--temperature={args.temperature}: the peers decode greedily; add --peers none to sample")
+    llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len,
+              draft_model=args.draft_model)
+    runners = [MethodRunner(llm, m, sampling) for m in methods]
     # HF peers compute in bf16 unless we run fp32 (transformers has no CPU kernels for our block formats)
     hf_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     peers, peer_notes = build_peers(peer_names, llm, hf_dtype, _threads(args), llm.model.max_len)

@@ -72,11 +72,12 @@ class MethodRunner:
 
     kind = "method"
 
-    def __init__(self, llm: LLM, method: str) -> None:
+    def __init__(self, llm: LLM, method: str, sampling: dict[str, Any] | None = None) -> None:
         self.llm, self.name = llm, method
+        self.sampling = sampling or {"temperature": 0.0}  # the same for every method, seed included
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0, ignore_eos=False)
+        params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=False, **self.sampling)
         start = time.perf_counter()
         out = self.llm.generate(prompt_ids, params, method=self.name)[0]
         e2e = time.perf_counter() - start

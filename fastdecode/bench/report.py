@@ -144,7 +144,8 @@ def _header(info: dict[str, Any]) -> str:
         ("model", "model"), ("dtype", "dtype"), ("threads", "threads"), ("cpu", "CPU"),
         ("usable_cores", "cores"), ("torch", "torch"), ("transformers", "transformers"),
         ("llama_cpp_python", "llama-cpp-python"), ("git_commit", "commit"), ("max_new_tokens", "max new tokens"),
-        ("limit", "prompts per category"), ("data", "data"), ("time", "time"),
+        ("limit", "prompts per category"), ("temperature", "temperature (0: greedy)"), ("top_p", "top_p"),
+        ("seed", "seed"), ("data", "data"), ("time", "time"),
     ]
     return "\n".join(f"- {label}: {info[key]}" for key, label in keys if info.get(key) is not None)
 

@@ -8,6 +8,7 @@ from fastdecode.drafters.auto import AutoDrafter
 from fastdecode.drafters.base import Drafter, DrafterEnv, NoDraft
 from fastdecode.drafters.aded import Aded
 from fastdecode.drafters.lookahead import Lookahead
+from fastdecode.drafters.model import draft_model, layer_skip
 from fastdecode.drafters.ngram import PromptLookupDrafter
 from fastdecode.drafters.recycling import TokenRecycling
 from fastdecode.drafters.suffix import SuffixDrafter
@@ -19,6 +20,8 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "lookahead": lambda env: Lookahead(),
     "pld": lambda env: PromptLookupDrafter(),
     "suffix": lambda env: SuffixDrafter(),
+    "layerskip": layer_skip,
+    "draft": draft_model,
     "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in AUTO_MEMBERS}, env.cost),
 }
 # Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fastdecode.sampling import argmax_rows
-from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.tree import DraftTree
 
 Counts = dict[int, int]
@@ -56,7 +56,7 @@ class Aded:
         self._last_two: tuple[int, int] = (-1, -1)  # the two newest tokens of the request
 
     # -- Drafter protocol --------------------------------------------------------------------
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self._last_two = (-1, -1)
         self._learn_sequence(prompt_ids)
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastdecode.drafters.base import Drafter, StepResult
+from fastdecode.drafters.base import DraftRequest, Drafter, StepResult
 from fastdecode.tree import DraftTree
 
 BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has seen yet
@@ -86,10 +86,10 @@ class AutoDrafter:
         self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self._last = None  # the time since the last request's step is not a step
         for member in self.members.values():
-            member.begin(prompt_ids)
+            member.begin(prompt_ids, request)
 
     def end(self, output_ids: list[int]) -> None:
         for member in self.members.values():

@@ -9,20 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from fastdecode.config import ModelConfig
+from fastdecode.kv_cache import KVCache
+from fastdecode.sampling import Sampler
 from fastdecode.tree import DraftTree
+
+if TYPE_CHECKING:
+    from fastdecode.model import Transformer
 
 
 @dataclass
 class DrafterEnv:
-    """What a drafter may know when it is built: the model's shape and this machine's cost curve."""
+    """What a drafter may know when it is built: the model's shape, this machine's cost curve and,
+    for drafters that draft with a model, the target model and an optional draft model."""
 
     config: ModelConfig
     cost: Callable[[int], float]  # time of an n-token forward over a 1-token one (measured lazily)
+    model: "Transformer | None" = None  # the target (layerskip and early-exit drafts run parts of it)
+    draft_model: "Callable[[], Transformer | None]" = lambda: None  # a separate draft model, loaded on first use
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter may use of the request it drafts for (model-based drafters need both)."""
+
+    sampler: Sampler  # the request's own: `Sampler.draft` guesses the target's pick from draft logits
+    cache: KVCache  # the request's target KV cache: committed up to the last token of the context
 
 
 @dataclass
@@ -37,8 +53,8 @@ class StepResult:
 
 
 class Drafter(Protocol):
-    def begin(self, prompt_ids: list[int]) -> None:
-        """A new request starts with this prompt."""
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
+        """A new request starts with this prompt (the engine always passes `request`)."""
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         """A tree of at most `budget` nodes continuing `context` (prompt + output so far)."""
@@ -53,7 +69,7 @@ class Drafter(Protocol):
 class NoDraft:
     """Plain autoregressive decoding: an empty tree, so each step is one token."""
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         return None
 
     def propose(self, context: list[int], budget: int) -> DraftTree:

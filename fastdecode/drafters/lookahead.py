@@ -35,7 +35,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
-from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.tree import DraftTree
 
 NGram = tuple[int, ...]
@@ -59,7 +59,7 @@ class Lookahead:
         self._top_rows: list[int] = []  # input row of each column's top-level node, this step
 
     # -- Drafter protocol --------------------------------------------------------------------
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self.levels, self.window, self._top_rows = [], 0, []
         self._prompt = list(prompt_ids)
         n = self.ngram

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.tree import DraftTree
 
 # Chance that the target's next token is the one that followed an earlier occurrence of the
@@ -62,7 +62,7 @@ class PromptLookupDrafter:
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions right after it
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self.tokens, self.index = [], {}
         self._extend(prompt_ids)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.tree import DraftTree
 
 UNKNOWN = -1
@@ -95,7 +95,7 @@ class TokenRecycling:
         self._templates: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     # -- Drafter protocol --------------------------------------------------------------------
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         """Seed rows never scored by the model with the prompt's own bigrams (last one wins)."""
         if len(prompt_ids) < 2:
             return

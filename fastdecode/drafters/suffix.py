@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from fastdecode.drafters.base import StepResult
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.drafters.ngram import match_confidence
 from fastdecode.tree import DraftTree
 
@@ -163,7 +163,7 @@ class SuffixDrafter:
         self.global_tokens = 0
         self.prompt: list[int] = []
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self.prompt = list(prompt_ids)
         self.request = SuffixTrie(self.max_depth)
         self.request.extend(self.prompt)
