@@ -130,10 +130,8 @@ class Block(nn.Module):
         n, hd = x.shape[0], self.head_dim
         ops = layer_ops()
         if attention is not None and ops is not None:  # the whole layer in one native call
-            if self._specs is None:
-                self._specs = [m.spec() for m in (self.qkv, self.o, self.gate_up, self.down)]
             return ops.layer(
-                x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, *self._specs,
+                x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, *self.specs(),
                 cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv,
             )
         qkv = self.qkv(self.attn_norm(x))
@@ -143,6 +141,12 @@ class Block(nn.Module):
         else:
             x = x + self.o(self._attention_torch(qkv.view(n, self.n_heads + 2 * self.n_kv, hd), rot, cache, layer, mask))
         return x + self.down(silu_mul(self.gate_up(self.mlp_norm(x))))
+
+    def specs(self) -> list[list[torch.Tensor | None]]:
+        """The four linears as the fused layer kernels take them (built once)."""
+        if self._specs is None:
+            self._specs = [m.spec() for m in (self.qkv, self.o, self.gate_up, self.down)]
+        return self._specs
 
     def _attention_torch(
         self, qkv: torch.Tensor, rot: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None
@@ -293,8 +297,22 @@ class Transformer(nn.Module):
             prepared.append(self._prepare(seg, start))
             start += seg.tokens.shape[0]
         x = self.embed(torch.cat([s.tokens for s in segments])).float()
-        for layer, block in enumerate(self.blocks):
-            x = block.forward_segments(x, prepared, layer)
+        ops = layer_ops()
+        if ops is not None and all(p.kernel is not None for p in prepared) and all(
+            row_independent(m) for m in (self.blocks[0].qkv, self.blocks[0].o, self.blocks[0].gate_up, self.blocks[0].down)
+        ):  # every layer in one native call for all segments (bit-identical to each one alone)
+            caches = [p.segment.cache for p in prepared]
+            ks, vs, lengths = [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
+            rots, masks = [p.rot_real for p in prepared], [p.mask for p in prepared]
+            starts = [p.rows.start for p in prepared] + [start]
+            for layer, block in enumerate(self.blocks):
+                x = ops.layer_batch(
+                    x, block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *block.specs(),
+                    ks, vs, layer, lengths, rots, masks, starts, block.n_heads, block.n_kv,
+                )
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block.forward_segments(x, prepared, layer)
         out, start = [], 0  # the rows each segment wants logits for, in the batch's new order
         for p in prepared:
             n = 1 if p.segment.last_only else p.rows.stop - p.rows.start

@@ -5,8 +5,8 @@ temperature, top-k/p, min-p and the penalties shape one and the same target dist
 whichever decoding method runs.
 
 Sampling is the Gumbel-max trick with noise fixed per output position: the token at output
-index i is argmax(log p_i + g_i), where g_i is a vector of Gumbel(0, 1) draws seeded by (seed, i)
-alone. That is an exact draw from p_i, and it makes the output a function of the seed and the
+index i is argmax(log p_i + g_i), where g_i[t] is a Gumbel(0, 1) draw made from a hash of
+(seed, i, t) alone. That is an exact draw from p_i, and it makes the output a function of the seed and the
 model only: a drafter that knows g_i can guess the target's pick (`Sampler.draft`), and whatever
 it guesses, the emitted tokens are those AR gives with the same seed (Daliri et al. 2024,
 "Drafter-invariant speculative decoding").
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -72,6 +73,26 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.numpy().argmax(-1).tolist()
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele et al. 2014): a bijective 64-bit mixer, elementwise."""
+    z = z + _MIX[0]
+    z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+    z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+    return z ^ (z >> np.uint64(31))
+
+
+def gumbel_noise(seed: int, index: int, tokens: np.ndarray) -> np.ndarray:
+    """Gumbel(0, 1) noise for `tokens` at output position `index`: a hash of (seed, index, token),
+    so any subset of the vocabulary costs only its own size (top-k/top-p supports are small)."""
+    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64) ^ _splitmix64(np.array([index], dtype=np.uint64)))
+    bits = _splitmix64(key ^ (tokens.astype(np.uint64) * _MIX[2]))
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53  # in (0, 1)
+    return -np.log(-np.log(u))
+
+
 NUCLEUS_PROBE = 512  # top_p looks among this many best tokens first (a full sort of 49152 takes ~4 ms)
 
 
@@ -96,7 +117,6 @@ class Sampler:
         self.vocab_size = vocab_size
         self.seed = params.seed if params.seed is not None else int(torch.seed())
         self.count = 0  # tokens accepted so far: the output index of the next one
-        self._noise: dict[int, torch.Tensor] = {}
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + output, for repetition_penalty
         if prompt_ids:
@@ -109,7 +129,6 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         """Record an emitted token (penalties of later positions depend on it)."""
-        self._noise.pop(self.count, None)
         self.count += 1
         self.output_counts[token] += 1
         self.seen[token] = True
@@ -139,8 +158,7 @@ class Sampler:
         guess the target's pick; ahead = 0 with the target's logits is `sample`."""
         if self.params.greedy:
             return int(self._penalized(logits).numpy().argmax())
-        scores = self.probs(logits).log_() + self.noise(self.count + ahead)
-        return int(scores.numpy().argmax())
+        return self._gumbel_max(self.probs(logits).numpy(), self.count + ahead)
 
     def draft_with_prob(self, logits: torch.Tensor, ahead: int) -> tuple[int, float]:
         """`draft`, and the probability `logits` give that token after processing (a drafter's
@@ -149,17 +167,15 @@ class Sampler:
             logits = self._penalized(logits)
             token = int(logits.numpy().argmax())
             return token, float(torch.softmax(logits, -1)[token])
-        probs = self.probs(logits)
-        token = int((probs.log() + self.noise(self.count + ahead)).numpy().argmax())
+        probs = self.probs(logits).numpy()
+        token = self._gumbel_max(probs, self.count + ahead)
         return token, float(probs[token])
 
-    def noise(self, index: int) -> torch.Tensor:
-        """Gumbel(0, 1) noise `[vocab]` of output position `index`, a function of (seed, index) only."""
-        if index not in self._noise:
-            g = torch.Generator().manual_seed((self.seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % 2**63)
-            u = torch.rand(self.vocab_size, generator=g)
-            self._noise[index] = u.clamp_(min=1e-30).log_().neg_().log_().neg_()
-        return self._noise[index]
+    def _gumbel_max(self, probs: np.ndarray, index: int) -> int:
+        """argmax over the tokens of nonzero probability of log p + Gumbel noise of (seed, index, token)."""
+        support = np.flatnonzero(probs)
+        scores = np.log(probs[support]) + gumbel_noise(self.seed, index, support)
+        return int(support[scores.argmax()])
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params

@@ -11,8 +11,15 @@ from fastdecode import LLM, SamplingParams, kernels
 from fastdecode.batch import BatchEngine, QueueFullError, Request, Update
 from fastdecode.model import Segment
 
-# (new tokens, tokens already cached): long and short prefills, one-token decodes, trees
-SHAPES = [(100, 0), (5, 30), (1, 50), (70, 0), (9, 12), (1, 0)]
+from conftest import force_model_drafting
+
+# (new tokens, tokens already cached): long and short prefills, one-token decodes, trees. With a
+# segment over 64 rows the layers run piece by piece; with all at most 64, in one native call per
+# layer for the whole batch (csrc/layer.cpp's layer_batch).
+SHAPES = {
+    "with long prefills": [(100, 0), (5, 30), (1, 50), (70, 0), (9, 12), (1, 0)],
+    "all short": [(5, 30), (1, 50), (40, 0), (9, 12), (1, 0), (64, 3)],
+}
 
 
 def _cache_with(model, cached: int):
@@ -24,28 +31,30 @@ def _cache_with(model, cached: int):
     return cache
 
 
+@pytest.mark.parametrize("shapes", list(SHAPES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int4"])
-def test_forward_batch_equals_separate_forwards_bitwise(tiny_llama_dir, dtype: str) -> None:
+def test_forward_batch_equals_separate_forwards_bitwise(tiny_llama_dir, dtype: str, shapes: str) -> None:
+    cases = SHAPES[shapes]
     if dtype != "float32" and not kernels.cpu_supports_avx2_fma():
         pytest.skip("bf16/int4 need the AVX2 kernels")
     model = LLM(str(tiny_llama_dir), dtype=dtype).model
-    tokens = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(100 + n)) for n, _ in SHAPES]
+    tokens = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(100 + n)) for n, _ in cases]
     masks = []
-    for n, cached in SHAPES:  # a random tree-like mask (diagonal always visible) for the decode segments
+    for n, cached in cases:  # a random tree-like mask (diagonal always visible) for the decode segments
         mask = torch.rand(n, cached + n, generator=torch.Generator().manual_seed(n)) < 0.7
         mask[:, cached:] &= torch.ones(n, n, dtype=torch.bool).tril()
         mask[:, cached:] |= torch.eye(n, dtype=torch.bool)
         masks.append(mask if cached else None)
     alone = []
-    for (n, cached), toks, mask in zip(SHAPES, tokens, masks):
+    for (n, cached), toks, mask in zip(cases, tokens, masks):
         alone.append(model(toks, cached + torch.arange(n), _cache_with(model, cached), mask, last_only=cached == 0))
-    caches = [_cache_with(model, cached) for _, cached in SHAPES]
+    caches = [_cache_with(model, cached) for _, cached in cases]
     segments = [
         Segment(toks, cached + torch.arange(n), cache, mask, last_only=cached == 0)
-        for (n, cached), toks, cache, mask in zip(SHAPES, tokens, caches, masks)
+        for (n, cached), toks, cache, mask in zip(cases, tokens, caches, masks)
     ]
     batched = model.forward_batch(segments)
-    for shape, want, got in zip(SHAPES, alone, batched):
+    for shape, want, got in zip(cases, alone, batched):
         assert torch.equal(want, got), f"{dtype}: segment {shape} differs from its own forward"
 
 
@@ -78,6 +87,8 @@ JOBS = [
     ("Hello! How can I help", SamplingParams(max_tokens=20, temperature=0.8, seed=7), "aded"),
     ("Days: Monday, Tuesday,", SamplingParams(max_tokens=33, temperature=0, repetition_penalty=1.3), "auto"),
     ("0123456789 0123456789", SamplingParams(max_tokens=28, temperature=1.0, top_k=20, seed=3), "suffix"),
+    ("one two three one two three", SamplingParams(max_tokens=26, temperature=0), "layerskip"),
+    ("The weather today is", SamplingParams(max_tokens=22, temperature=0.7, top_p=0.9, seed=5), "draft"),
 ]
 
 
@@ -85,7 +96,9 @@ JOBS = [
 def llm_bf16(tiny_llama_dir) -> LLM:
     if not kernels.cpu_supports_avx2_fma():
         pytest.skip("bf16 batching is exact with the AVX2 kernels")
-    return LLM(str(tiny_llama_dir), dtype="bfloat16")
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16")
+    force_model_drafting(llm)  # layerskip and draft really draft, between the batch's forwards
+    return llm
 
 
 @pytest.mark.parametrize("max_batch", [3, 8])

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
@@ -131,6 +132,36 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
   return h;
 }
 
+// `layer` for several sequences at once (continuous batching): x holds their rows one after the
+// other (segment s: rows [starts[s], starts[s + 1])); the linears, norms and SiLU run once over all
+// rows, attention once per segment against its own cache. Each row gets exactly the bits `layer`
+// gives its sequence alone, as the linears here are row-independent (bf16 and block kernels; the
+// caller checks).
+at::Tensor layer_batch(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+                       const Spec& qkv, const Spec& o, const Spec& gate_up, const Spec& down,
+                       const std::vector<at::Tensor>& caches_k, const std::vector<at::Tensor>& caches_v,
+                       int64_t layer_index, const std::vector<int64_t>& lengths, const std::vector<at::Tensor>& rots,
+                       const c10::List<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& starts,
+                       int64_t heads, int64_t kv_heads) {
+  check_rows(x, "x");
+  const size_t segs = lengths.size();
+  TORCH_CHECK(segs > 0 && caches_k.size() == segs && caches_v.size() == segs && rots.size() == segs &&
+                  masks.size() == segs && starts.size() == segs + 1,
+              "layer_batch: ", segs, " lengths need as many caches, rots and masks, and one more start");
+  TORCH_CHECK(starts.front() == 0 && starts.back() == x.size(0), "layer_batch: starts must run from 0 to ", x.size(0));
+  const at::Tensor q = linear(rms_norm(x, attn_norm, eps), qkv, "qkv");
+  std::vector<at::Tensor> parts;
+  parts.reserve(segs);
+  for (size_t s = 0; s < segs; ++s) {
+    TORCH_CHECK(starts[s] < starts[s + 1], "layer_batch: segment ", s, " has no rows");
+    parts.push_back(attention(q.narrow(0, starts[s], starts[s + 1] - starts[s]), caches_k[s], caches_v[s],
+                              layer_index, lengths[s], rots[s], masks.get(s), heads, kv_heads));
+  }
+  at::Tensor h = x + linear(segs == 1 ? parts[0] : at::cat(parts), o, "o");
+  h.add_(linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down"));
+  return h;
+}
+
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
@@ -139,10 +170,14 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("layer(Tensor x, Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, "
         "Tensor?[] gate_up, Tensor?[] down, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, "
         "Tensor rot, Tensor? mask, int heads, int kv_heads) -> Tensor");
+  m.def("layer_batch(Tensor x, Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, "
+        "Tensor?[] gate_up, Tensor?[] down, Tensor(a!)[] caches_k, Tensor(b!)[] caches_v, int layer, int[] lengths, "
+        "Tensor[] rots, Tensor?[] masks, int[] starts, int heads, int kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("rms_norm", &fastdecode::rms_norm);
   m.impl("silu_mul", &fastdecode::silu_mul);
   m.impl("layer", &fastdecode::layer);
+  m.impl("layer_batch", &fastdecode::layer_batch);
 }
