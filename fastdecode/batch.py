@@ -208,10 +208,18 @@ class BatchEngine:
             self._idle_drafters[seq.request.method].append(seq.drafter)
             self._free_caches.append(seq.cache)
 
+    def draft_budget(self, running: int) -> int:
+        """Draft nodes per request when `running` requests share a step: the LLM's budget split
+        between them. Alone, a draft node rides on a forward that reads all the weights anyway;
+        in a batch the rows already keep the matmuls busy, so each node costs nearly a full row
+        (int4, 8 requests: 1 row each 24.6 ms, 4 rows each 89 ms) for well under one token."""
+        return self.llm.draft_budget // max(running, 1)
+
     def _step(self) -> None:
         segments: list[Segment] = []
         plans: list[tuple[_Running, int, DraftTree] | None] = []  # None: a prefill
         finished: list[_Running] = []
+        budget = self.draft_budget(len(self._running))
         for seq in self._running:
             if not seq.prefilled:
                 ids = torch.tensor(seq.out.prompt_token_ids, dtype=torch.long)
@@ -223,7 +231,7 @@ class BatchEngine:
                 seq.tracker.finish("length")
                 finished.append(seq)
                 continue
-            tree = propose(seq.drafter, seq.out, self.llm.draft_budget, room)
+            tree = propose(seq.drafter, seq.out, budget, room)
             root = seq.out.token_ids[-1]
             segments.append(tree_segment(root, tree, seq.cache))
             plans.append((seq, root, tree))
