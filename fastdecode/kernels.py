@@ -143,8 +143,9 @@ def attention_op() -> Callable[..., torch.Tensor] | None:
 
 
 def layer_ops() -> Any:
-    """The namespace with `layer` (a whole decoder layer in one call), `rms_norm` and `silu_mul`
-    (csrc/layer.cpp), or None when the kernels are unavailable."""
+    """The namespace with `layer` (a whole decoder layer in one call), `layer_batch` (the same for
+    every sequence of a batch), `rms_norm` and `silu_mul` (csrc/layer.cpp), or None when the
+    kernels are unavailable."""
     return _load()
 
 

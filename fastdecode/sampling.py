@@ -6,10 +6,10 @@ whichever decoding method runs.
 
 Sampling is the Gumbel-max trick with noise fixed per output position: the token at output
 index i is argmax(log p_i + g_i), where g_i[t] is a Gumbel(0, 1) draw made from a hash of
-(seed, i, t) alone. That is an exact draw from p_i, and it makes the output a function of the seed and the
-model only: a drafter that knows g_i can guess the target's pick (`Sampler.draft`), and whatever
-it guesses, the emitted tokens are those AR gives with the same seed (Daliri et al. 2024,
-"Drafter-invariant speculative decoding").
+(seed, i, t) alone. That is an exact draw from p_i, and it makes the output a function of the
+seed and the model only: a drafter that knows g_i can guess the target's pick
+(`Sampler.draft_with_prob`), and whatever it guesses, the emitted tokens are those AR gives with
+the same seed (Daliri et al. 2024, "Drafter-invariant speculative decoding").
 """
 from __future__ import annotations
 

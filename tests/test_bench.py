@@ -142,18 +142,23 @@ def test_report_from_synthetic_records(tmp_path: Path) -> None:
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
+def _bench_default_model(out: Path, *options: str) -> dict:
+    """Run the benchmark on the built-in prompts with the default model; returns results.json."""
     try:
         default_model_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    out = tmp_path / "bench"
-    args = build_parser().parse_args([
-        "--data", BUILTIN, "--categories", "mt_bench,qa", "--limit", "1", "--max-new-tokens", "16",
-        "--methods", "ar", "--peers", "hf", "--dtype", "float32", "--out", str(out), "--no-progress",
-    ])
+    args = build_parser().parse_args(["--data", BUILTIN, "--out", str(out), "--no-progress", *options])
     assert run_bench(args) == 0
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    results = _bench_default_model(
+        out, "--categories", "mt_bench,qa", "--limit", "1", "--max-new-tokens", "16",
+        "--methods", "ar", "--peers", "hf", "--dtype", "float32",
+    )
     assert {"cpu", "torch", "threads", "dtype", "git_commit"} <= set(results["info"])
     runners = {r["runner"] for r in results["records"]}
     assert runners == {"ar", "hf"}
@@ -171,18 +176,12 @@ def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
 
 def test_sampled_run_gives_every_method_ars_tokens(tmp_path: Path) -> None:
     """With one seed for all, sampling is drafter-invariant (sampling.py): pld's tokens equal ar's."""
-    try:
-        default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
     out = tmp_path / "bench"
-    args = build_parser().parse_args([
-        "--data", BUILTIN, "--categories", "summarization", "--limit", "1", "--max-new-tokens", "24",
-        "--methods", "ar,pld", "--peers", "none", "--dtype", "int4", "--out", str(out), "--no-progress",
+    results = _bench_default_model(
+        out, "--categories", "summarization", "--limit", "1", "--max-new-tokens", "24",
+        "--methods", "ar,pld", "--peers", "none", "--dtype", "int4",
         "--temperature", "0.7", "--top-p", "0.9", "--seed", "3",
-    ])
-    assert run_bench(args) == 0
-    results = json.loads((out / "results.json").read_text())
+    )
     assert (results["info"]["temperature"], results["info"]["top_p"], results["info"]["seed"]) == (0.7, 0.9, 3)
     assert results["summary"]["pld"][OVERALL]["exact"] == 1.0
     assert "- temperature (0: greedy): 0.7" in (out / "report.md").read_text()

@@ -105,9 +105,7 @@ class ChainDrafter:
             self.plain_s.add((now - self._mark) / self.cost(len(self._last) + 1), 1.0)
         tree, self._spent = DraftTree(), None
         if budget > 0 and self.request is not None and self._pick_arm():
-            start = time.perf_counter()
-            tree = self._draft(context, budget)
-            self._spent = time.perf_counter() - start
+            tree = self._draft(context, budget)  # sets self._spent
         self._last = list(tree.tokens)
         self._mark = time.perf_counter()
         return tree
@@ -168,7 +166,8 @@ class ChainDrafter:
             logits = self._next(token)
             forwards += 1
         self._stop()
-        self.draft_s.add(time.perf_counter() - start, forwards)
+        self._spent = time.perf_counter() - start
+        self.draft_s.add(self._spent, forwards)
         self._confs = confs
         return tree
 
