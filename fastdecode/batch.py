@@ -26,7 +26,7 @@ import torch
 
 from fastdecode.drafters import check_method
 from fastdecode.drafters.base import Drafter, DraftRequest
-from fastdecode.engine import check_prompt, commit_prefill, commit_step, propose, tree_segment
+from fastdecode.engine import check_prompt, commit_prefill, commit_step, prefill_segment, propose, start_prefill, tree_segment
 from fastdecode.kv_cache import KVCache
 from fastdecode.llm import LLM
 from fastdecode.model import Segment
@@ -78,12 +78,17 @@ class _Running:
 
 
 class BatchEngine:
-    def __init__(self, llm: LLM, max_batch: int = 8, max_waiting: int = 64) -> None:
+    def __init__(self, llm: LLM, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 128) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be an integer >= 1")
         if not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting={max_waiting!r} must be an integer >= 0")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an integer >= 1")
         self.llm, self.max_batch, self.max_waiting = llm, max_batch, max_waiting
+        # a long prompt joins this many tokens per step, so running requests keep getting tokens while
+        # it prefills (chunked prefill; bit-exact when the model has exact rows, else whole prompts)
+        self.prefill_chunk = prefill_chunk if llm.model.exact_rows else None
         self.tokenizer_lock = threading.Lock()  # the HF tokenizer is shared by the engine and callers
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -190,15 +195,23 @@ class BatchEngine:
                     self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _join(self, request: Request) -> _Running:
-        cache = self._free_caches.pop() if self._free_caches else self.llm.model.new_cache()
-        cache.truncate(0)
+        cache = self._take_cache(request.prompt_ids)
         idle = self._idle_drafters.setdefault(request.method, [])
         drafter = idle.pop() if idle else self.llm.new_drafter(request.method)
         out = RequestOutput(request.prompt, list(request.prompt_ids))
         tracker = TextTracker(self.llm.tokenizer, request.params, self.llm.eos_ids, out)
         sampler = Sampler(request.params, request.prompt_ids, self.llm.config.vocab_size)
+        start_prefill(cache, request.prompt_ids, self.llm.prefix_cache, out)
         drafter.begin(list(request.prompt_ids), DraftRequest(sampler, cache))
         return _Running(request, out, tracker, sampler, drafter, cache)
+
+    def _take_cache(self, prompt_ids: list[int]) -> KVCache:
+        """A free cache, the one sharing the longest prefix with the prompt when prefixes are reused
+        (a new one while none is free: the pool grows to max_batch)."""
+        if not self._free_caches:
+            return self.llm.model.new_cache()
+        best = max(range(len(self._free_caches)), key=lambda i: self._free_caches[i].shared(prompt_ids))
+        return self._free_caches.pop(best)
 
     def _leave(self, done: list[_Running]) -> None:
         """Remove requests from the batch, giving back their cache and drafter."""
@@ -206,6 +219,7 @@ class BatchEngine:
             self._running.remove(seq)
             seq.drafter.end(list(seq.out.token_ids))
             self._idle_drafters[seq.request.method].append(seq.drafter)
+            seq.cache.remember(seq.out.prompt_token_ids + seq.out.token_ids)
             self._free_caches.append(seq.cache)
 
     def draft_budget(self, running: int) -> int:
@@ -217,13 +231,12 @@ class BatchEngine:
 
     def _step(self) -> None:
         segments: list[Segment] = []
-        plans: list[tuple[_Running, int, DraftTree] | None] = []  # None: a prefill
+        plans: list[tuple[_Running, int, DraftTree] | None] = []  # None: a prefill chunk
         finished: list[_Running] = []
         budget = self.draft_budget(len(self._running))
         for seq in self._running:
             if not seq.prefilled:
-                ids = torch.tensor(seq.out.prompt_token_ids, dtype=torch.long)
-                segments.append(Segment(ids, torch.arange(len(ids)), seq.cache, last_only=True))
+                segments.append(prefill_segment(seq.out.prompt_token_ids, seq.cache, self.prefill_chunk))
                 plans.append(None)
                 continue
             room = seq.cache.max_len - seq.cache.length - 1  # slots left beside the root's
@@ -240,9 +253,12 @@ class BatchEngine:
         with self.tokenizer_lock:
             for seq in finished:  # out of context room
                 self._publish(seq, 0, True)
-            for seq, plan, rows in zip(busy, plans, logits):
+            for seq, plan, rows, segment in zip(busy, plans, logits, segments):
                 before = len(seq.out.token_ids)
                 try:
+                    if plan is None and seq.cache.length + len(segment.tokens) < len(seq.out.prompt_token_ids):
+                        seq.cache.append(len(segment.tokens))  # a prefill chunk, more to come
+                        continue
                     if plan is None:
                         seq.prefilled = True
                         done = commit_prefill(rows, seq.sampler, seq.tracker, seq.cache)

@@ -17,6 +17,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for")
     p.add_argument("--draft-model", default=None,
                    help="a separate draft model for method 'draft' (same tokenizer; default: an early exit of --model)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole (default: reuse the cached K/V of a prefix shared with an "
+                        "earlier prompt, where that is bit-exact: bfloat16, int8, int4)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +67,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--method", default="auto", help=f"default decoding method: {', '.join(METHODS)}")
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (one KV cache each)")
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 429")
+    serve.add_argument("--prefill-chunk", type=int, default=128,
+                       help="prompt tokens a joining request prefills per step (bf16, int8, int4; fp32: whole)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -82,7 +87,7 @@ def _llm(args: argparse.Namespace):
     from fastdecode import LLM
 
     return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               draft_model=args.draft_model)
+               draft_model=args.draft_model, prefix_cache=args.prefix_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -25,9 +25,10 @@ from fastdecode.verify import verify
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Any, eos_ids: list[int]) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any, eos_ids: list[int], prefix_cache: bool = False) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.cache: KVCache = model.new_cache()  # one sequence at a time, reused across requests
+        self.prefix_cache = prefix_cache  # keep the K/V of a prefix the next prompt shares (needs exact rows)
 
     def run(
         self, prompt: str, prompt_ids: list[int], params: SamplingParams, drafter: Drafter, budget: int
@@ -47,11 +48,12 @@ class Engine:
             out.metrics.decode_s = time.perf_counter() - start - out.metrics.prefill_s
             yield out, tracker
         drafter.end(list(out.token_ids))
+        self.cache.remember(out.prompt_token_ids + out.token_ids)
 
     def _prefill(self, prompt_ids: list[int], sampler: Sampler, tracker: TextTracker) -> bool:
-        self.cache.truncate(0)
-        tokens = torch.tensor(prompt_ids, dtype=torch.long)
-        logits = self.model(tokens, torch.arange(len(prompt_ids)), self.cache, last_only=True)
+        start_prefill(self.cache, prompt_ids, self.prefix_cache, tracker.out)
+        seg = prefill_segment(prompt_ids, self.cache)
+        logits = self.model(seg.tokens, seg.positions, self.cache, last_only=True)
         return commit_prefill(logits, sampler, tracker, self.cache)
 
     def _step(
@@ -101,9 +103,29 @@ def tree_segment(root: int, tree: DraftTree, cache: KVCache) -> Segment:
     return Segment(tokens, positions, cache, mask)
 
 
+def start_prefill(cache: KVCache, prompt_ids: list[int], reuse: bool, out: RequestOutput) -> None:
+    """Ready `cache` for a new prompt: keep the slots of the prefix it shares with what the cache
+    last held when `reuse` (the model has exact rows), else empty it."""
+    out.metrics.cached_tokens = cache.reuse(prompt_ids) if reuse else 0
+    if not reuse:
+        cache.truncate(0)
+
+
+def prefill_segment(prompt_ids: list[int], cache: KVCache, chunk: int | None = None) -> Segment:
+    """The next piece of a prefill: the prompt from its first uncommitted token, at most `chunk`
+    tokens of it (None: all), wanting the logits of its last row."""
+    start = cache.length
+    end = len(prompt_ids) if chunk is None else min(len(prompt_ids), start + chunk)
+    return Segment(torch.tensor(prompt_ids[start:end], dtype=torch.long), torch.arange(start, end), cache,
+                   last_only=True)
+
+
 def commit_prefill(logits: torch.Tensor, sampler: Sampler, tracker: TextTracker, cache: KVCache) -> bool:
-    """Commit a prompt's pending K/V and emit the first token from its last row's logits `[1, vocab]`."""
-    cache.append(len(tracker.out.prompt_token_ids))
+    """Commit the rest of a prompt's pending K/V and emit the first token from its last row's logits
+    `[1, vocab]`; the cache then remembers the prompt (a stream given up later can still share it)."""
+    prompt = tracker.out.prompt_token_ids
+    cache.append(len(prompt) - cache.length)
+    cache.remember(prompt)
     token = sampler.sample(logits[0])
     sampler.accept(token)
     return emit([token], tracker)

@@ -6,6 +6,11 @@ Layout: `k[layer, kv_head, slot, head_dim]` (same for `v`), allocated once up to
 (`append(n)`: prefill, plain decoding) or keeps only the accepted draft path (`keep(indices)`),
 which moves the chosen pending entries into place. Rejected entries are simply overwritten
 by the next forward, as in gpt-fast's static cache.
+
+Prefix reuse: `tokens` lists what the committed slots hold, as far as the owner has told
+(`remember`); a new sequence keeps the slots of the longest prefix it shares with them (`reuse`)
+and prefills only the rest. That is exact only where a slot's numbers depend on nothing but the
+tokens up to it, whatever else ran in the same forward (`Transformer.exact_rows`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self.tokens: list[int] = []  # the ids held by slots [0, len(tokens)) (a prefix of the committed ones)
 
     def check_room(self, n: int) -> None:
         """Raise if n more pending entries would overflow the cache."""
@@ -64,3 +70,25 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"truncate({n}): must be between 0 and the current length {self.length}")
         self.length = n
+        del self.tokens[n:]
+
+    def remember(self, ids: list[int]) -> None:
+        """Record that the committed slots begin with the entries of `ids` (a sequence's prompt and
+        output so far). Every token but the newest has its entry; the newest may have one too, and
+        the slots may go on past `ids` (draft tokens accepted after a stop was reached), which are
+        not recorded."""
+        self.tokens = list(ids[: self.length])
+
+    def shared(self, ids: list[int]) -> int:
+        """How many leading slots `reuse(ids)` would keep: the common prefix of `ids` and `tokens`,
+        less `ids`' last token (a forward needs at least one new token to give logits)."""
+        n, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        return n
+
+    def reuse(self, ids: list[int]) -> int:
+        """Keep the slots of the prefix shared with `ids`, drop the rest; returns how many were kept."""
+        n = self.shared(ids)
+        self.truncate(n)
+        return n

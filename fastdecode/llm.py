@@ -33,6 +33,7 @@ class LLM:
         max_model_len: int | None = None,
         draft_budget: int = DEFAULT_DRAFT_BUDGET,
         draft_model: str | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
@@ -54,7 +55,10 @@ class LLM:
         del state, blocks
         self.draft_budget = draft_budget
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
-        self.engine = Engine(self.model, self.tokenizer, self.eos_ids)
+        # a prompt that starts like the last one (a chat's next turn, a shared system prompt) reuses its
+        # cached K/V; only where that is bit-exact (Transformer.exact_rows), so outputs never change
+        self.prefix_cache = bool(prefix_cache) and self.model.exact_rows
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.prefix_cache)
         self.draft_model_path = draft_model
         self._draft_model: Transformer | None = None
         self._drafters: dict[str, Drafter] = {}

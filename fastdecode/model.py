@@ -20,7 +20,6 @@ from fastdecode.kernels import attention_op, bf16_linear_op, layer_ops
 from fastdecode.kv_cache import KVCache
 from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
 
-ATTENTION_KERNEL_MAX_NEW = 64  # decode steps and draft trees use csrc/attention.cpp; longer prefills SDPA
 
 # how each dtype stores the matrices while loading (block formats are applied after)
 # (the keys are the dtype names the API accepts, in the order help and errors list them)
@@ -250,6 +249,15 @@ class Transformer(nn.Module):
         self.max_len = max_len
         self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
 
+    @property
+    def exact_rows(self) -> bool:
+        """True when a row's numbers depend only on its token, its position and the cache, never on
+        the other rows of the forward (native attention, and linears that are row-independent: see
+        `row_independent`). Then a prompt may be prefilled in pieces, or after a cached prefix, and
+        every later number is bit-identical to a whole prefill."""
+        b = self.blocks[0]
+        return attention_op() is not None and all(row_independent(m) for m in (b.qkv, b.o, b.gate_up, b.down))
+
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, torch.float32)
 
@@ -270,7 +278,7 @@ class Transformer(nn.Module):
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
         rot = self.rope[positions]
-        kernel = attention_op() if n <= ATTENTION_KERNEL_MAX_NEW else None
+        kernel = attention_op()  # any n: a row's numbers do not depend on the rows beside it
         rot_real = torch.view_as_real(rot) if kernel is not None else None
         if kernel is not None and mask is not None:
             mask = mask.to(torch.bool).contiguous()
@@ -298,9 +306,8 @@ class Transformer(nn.Module):
             start += seg.tokens.shape[0]
         x = self.embed(torch.cat([s.tokens for s in segments])).float()
         ops = layer_ops()
-        if ops is not None and all(p.kernel is not None for p in prepared) and all(
-            row_independent(m) for m in (self.blocks[0].qkv, self.blocks[0].o, self.blocks[0].gate_up, self.blocks[0].down)
-        ):  # every layer in one native call for all segments (bit-identical to each one alone)
+        if ops is not None and self.exact_rows:  # every layer in one native call for all segments
+            # (bit-identical to each one alone)
             caches = [p.segment.cache for p in prepared]
             ks, vs, lengths = [c.k for c in caches], [c.v for c in caches], [c.length for c in caches]
             rots, masks = [p.rot_real for p in prepared], [p.mask for p in prepared]
@@ -330,7 +337,7 @@ class Transformer(nn.Module):
         if mask is not None and tuple(mask.shape) != (n, cache.length + n):
             raise ValueError(f"mask shape {tuple(mask.shape)} must be (new tokens, cached + new) = {(n, cache.length + n)}")
         rot = self.rope[seg.positions]
-        kernel = attention_op() if n <= ATTENTION_KERNEL_MAX_NEW else None
+        kernel = attention_op()  # any n: a row's numbers do not depend on the rows beside it
         rot_real = torch.view_as_real(rot) if kernel is not None else None
         if kernel is not None and mask is not None:
             mask = mask.to(torch.bool).contiguous()

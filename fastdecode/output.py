@@ -14,6 +14,7 @@ class Metrics:
     steps: int = 0  # target forwards after prefill
     tokens: int = 0  # generated tokens
     drafted: int = 0  # draft nodes sent to the target
+    cached_tokens: int = 0  # prompt tokens whose K/V a cached prefix already held (not prefilled)
 
     @property
     def accepted_per_step(self) -> float:

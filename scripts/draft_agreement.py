@@ -18,7 +18,8 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import CATEGORIES, DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.model import exit_candidates, skip_candidates
 from fastdecode.llm import DTYPES
-from fastdecode.model import ATTENTION_KERNEL_MAX_NEW
+
+CHUNK = 64  # queries per masked forward (its mask is [queries, cache + queries])
 
 
 def agreement(llm: LLM, prompt_ids: list[int], output: list[int], layers: tuple[int, ...]) -> tuple[int, int]:
@@ -31,8 +32,8 @@ def agreement(llm: LLM, prompt_ids: list[int], output: list[int], layers: tuple[
     # that position plus its own fresh entry: one masked forward per chunk, over the chosen layers
     queries = list(range(len(prompt_ids) - 1, len(full) - 1))
     hits = 0
-    for start in range(0, len(queries), ATTENTION_KERNEL_MAX_NEW):
-        chunk = queries[start : start + ATTENTION_KERNEL_MAX_NEW]
+    for start in range(0, len(queries), CHUNK):
+        chunk = queries[start : start + CHUNK]
         mask = torch.zeros(len(chunk), cache.length + len(chunk), dtype=torch.bool)
         for row, pos in enumerate(chunk):
             mask[row, :pos] = True

@@ -147,11 +147,12 @@ def _attention_reference(qkv, k_cache, v_cache, layer, length, rot, mask, heads,
     return attn.transpose(0, 1).reshape(n, heads * hd)
 
 
+@pytest.mark.parametrize("hd", [16, 64])  # 64: the four-keys-at-a-time path (SmolLM2's head size)
 @pytest.mark.parametrize("n,length,masked", [(1, 0, False), (1, 37, False), (5, 0, False), (7, 20, False),
-                                             (7, 20, True), (64, 9, True)])
-def test_attention_matches_torch(n: int, length: int, masked: bool) -> None:
+                                             (7, 20, True), (64, 9, True), (9, 150, False)])
+def test_attention_matches_torch(n: int, length: int, masked: bool, hd: int) -> None:
     op = kernels.attention_op()
-    qkv, k, v, rot = _attention_case(n, length)
+    qkv, k, v, rot = _attention_case(n, length, hd=hd)
     mask = None
     if masked:  # a random tree: each new token sees the cache, itself and a random earlier new token's path
         parents = [-1] + [int(torch.randint(-1, i, (1,))) for i in range(1, n)]
@@ -167,6 +168,22 @@ def test_attention_matches_torch(n: int, length: int, masked: bool) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k2, rtol=1e-6, atol=1e-6)  # the new keys landed in the pending slots, rotated
     assert torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("hd", [16, 64])
+def test_attention_row_is_the_same_bits_alone_or_in_a_chunk(hd: int) -> None:
+    """A token's output and cached k/v are bit-identical whether it comes with 63 others (tiled
+    tasks, blocks of 64 slots) or alone after them: prefills can be split anywhere and a cached
+    prefix reused, without changing a bit of what follows."""
+    op = kernels.attention_op()
+    n, length, heads, kv_heads = 64, 100, 6, 2
+    qkv, k, v, rot = _attention_case(n, length, heads=heads, kv_heads=kv_heads, hd=hd)
+    whole = op(qkv, k, v, 1, length, rot, None, heads, kv_heads)
+    k2, v2 = k.clone(), v.clone()  # rows < t are in place; row t alone rewrites its own slot
+    for t in (0, 5, 31, 63):  # row t alone, after rows < t were written by the chunk above
+        alone = op(qkv[t : t + 1].contiguous(), k2, v2, 1, length + t, rot[t : t + 1].contiguous(), None, heads, kv_heads)
+        assert torch.equal(alone[0], whole[t])
+    assert torch.equal(k[:, :, : length + n], k2[:, :, : length + n]) and torch.equal(v, v2)
 
 
 def test_attention_bad_arguments_name_the_problem() -> None:

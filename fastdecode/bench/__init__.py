@@ -141,8 +141,10 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     peer_names = [] if args.peers.strip().lower() in ("", "none") else _split(args.peers)
     if peer_names and args.temperature > 0:
         raise ValueError(f"--temperature={args.temperature}: the peers decode greedily; add --peers none to sample")
+    # every runner prefills every prompt whole: a prefix cached by the runner before would favour
+    # the runner after (the peers keep no cache between calls either)
     llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len,
-              draft_model=args.draft_model)
+              draft_model=args.draft_model, prefix_cache=False)
     runners = [MethodRunner(llm, m, sampling) for m in methods]
     # HF peers compute in bf16 unless we run fp32 (transformers has no CPU kernels for our block formats)
     hf_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16

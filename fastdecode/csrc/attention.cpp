@@ -52,6 +52,42 @@ inline void axpy(float p, const float* v, float* out, int64_t d) {
   for (; i < d; ++i) out[i] += p * v[i];
 }
 
+// dot(q, k_j) * scale for the four keys k at k4 (rows of 64): the same arithmetic per key as
+// `dot` (one 8-lane FMA chain over the features, then the same horizontal sum), with the four
+// chains interleaved so their latencies overlap (one chain at a time waits ~4 cycles per FMA).
+inline void dots4(const float* q, const float* k4, float scale, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#pragma GCC unroll 8
+  for (int i = 0; i < 64; i += 8) {
+    const __m256 qi = _mm256_loadu_ps(q + i);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k4 + c * 64 + i), acc[c]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[c]), _mm256_extractf128_ps(acc[c], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[c] = _mm_cvtss_f32(s) * scale;
+  }
+}
+
+// out[0..64) += sum over slots j0 <= j < j1 in order of (p[j] * inv) v_j, skipping p[j] == 0:
+// `axpy` slot by slot, with the 64 sums held in registers instead of reloaded and stored per slot.
+inline void weighted_sum64(const float* p, int64_t j0, int64_t j1, float inv, const float* v, float* out) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(out + 8 * i);
+  for (int64_t j = j0; j < j1; ++j) {
+    if (p[j] == 0.0f) continue;
+    const __m256 pj = _mm256_set1_ps(p[j] * inv);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * 64 + 8 * i), acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
 // dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
 inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
   for (int64_t i = 0; i < hd; i += 2) {
@@ -111,45 +147,85 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   const int64_t group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // One task per (head, token); grain keeps tiny contexts inline.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 8, 1));
-  at::parallel_for(0, heads * n, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(hd), score((total + 7) / 8 * 8);
+  // One task per block of queries: the heads of one KV group (one head when n is small) times a
+  // tile of up to 4 tokens. The task walks its group's keys and values in blocks of 64 slots
+  // (16 KB, L1-sized) and runs every query over a block before the next, so the cache is read
+  // once per task instead of once per query (a 2,000-token prefill was bound by that traffic).
+  // Each query still gets exactly its own one-query arithmetic: its dots, its softmax and its
+  // sum of values in slot order (partial sums wait in `out` between blocks: a store and a load
+  // do not round), so the result depends neither on the tiling nor on n.
+  const int64_t hp = n >= 4 ? group : 1;  // heads per task
+  const int64_t tt = n >= 4 ? 4 : 1;      // tokens per task
+  const int64_t tiles = (n + tt - 1) / tt, tasks = heads / hp * tiles, nq_max = hp * tt;
+  const int64_t stride = (total + 7) / 8 * 8;  // a query's score row, padded for exp8
+  constexpr int64_t kSlots = 64;               // slots per block
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 8 * nq_max, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(nq_max * hd), score(nq_max * stride), inv(nq_max);
+    std::vector<int64_t> visible(nq_max);
+    std::vector<const bool*> rows(nq_max);
+    std::vector<float*> outs(nq_max);
+    const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / n, t = i % n, g = h / group;
-      rope(src + t * width + h * hd, r + t * hd, q.data(), hd);
-      const float* Kg = K + g * head_stride;
-      const float* Vg = V + g * head_stride;
-      const bool* mt = m ? m + t * total : nullptr;
-      const int64_t visible = m ? total : length + t + 1;  // causal: the cache and new tokens up to t
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < visible; ++j) {
-        if (mt && !mt[j]) {
-          score[j] = -std::numeric_limits<float>::infinity();
-          continue;
+      const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
+      const float* Kg = K + h0 / group * head_stride;
+      const float* Vg = V + h0 / group * head_stride;
+      int64_t last = 0;  // slots seen by any query of the task
+      for (int64_t a = 0; a < nq; ++a) {
+        const int64_t h = h0 + a / nt, t = t0 + a % nt;
+        rope(src + t * width + h * hd, r + t * hd, q.data() + a * hd, hd);
+        rows[a] = m ? m + t * total : nullptr;
+        visible[a] = m ? total : length + t + 1;  // causal: the cache and new tokens up to t
+        outs[a] = o + t * heads * hd + h * hd;
+        std::fill(outs[a], outs[a] + hd, 0.0f);
+        last = std::max(last, visible[a]);
+      }
+      for (int64_t j0 = 0; j0 < last; j0 += kSlots)
+        for (int64_t a = 0; a < nq; ++a) {
+          const int64_t j1 = std::min(j0 + kSlots, visible[a]);
+          float* sa = score.data() + a * stride;
+          int64_t j = j0;
+          if (hd == 64)
+            for (; j + 4 <= j1; j += 4) dots4(q.data() + a * hd, Kg + j * hd, scale, sa + j);
+          for (; j < j1; ++j) sa[j] = dot(q.data() + a * hd, Kg + j * hd, hd) * scale;
         }
-        score[j] = dot(q.data(), Kg + j * hd, hd) * scale;
-        mx = std::max(mx, score[j]);
+      for (int64_t a = 0; a < nq; ++a) {
+        float* sa = score.data() + a * stride;
+        const bool* mt = rows[a];
+        float mx = ninf;
+        for (int64_t j = 0; j < visible[a]; ++j) {
+          if (mt && !mt[j]) sa[j] = ninf;
+          mx = std::max(mx, sa[j]);
+        }
+        inv[a] = 0.0f;
+        if (mx == ninf) continue;  // nothing visible: zeros
+        // Probabilities, vectorized (elementwise, so order-free); masked slots become exact zeros.
+        // (the row has room for a padded last group of 8, so every slot goes through exp8 alike)
+        std::fill(sa + visible[a], sa + stride, ninf);
+        const __m256 vmx = _mm256_set1_ps(mx), vninf = _mm256_set1_ps(ninf);
+        for (int64_t j = 0; j < visible[a]; j += 8) {
+          const __m256 sj = _mm256_loadu_ps(sa + j);
+          const __m256 p = fastdecode::exp8(_mm256_sub_ps(sj, vmx));
+          _mm256_storeu_ps(sa + j, _mm256_and_ps(p, _mm256_cmp_ps(sj, vninf, _CMP_NEQ_OQ)));
+        }
+        // The sum runs in slot order and skips nothing (masked zeros add exactly nothing), so a
+        // token sees the same sum in a tree forward as in a one-token forward.
+        float sum = 0.0f;
+        for (int64_t jj = 0; jj < visible[a]; ++jj) sum += sa[jj];
+        inv[a] = 1.0f / sum;
       }
-      float* ot = o + t * heads * hd + h * hd;
-      std::fill(ot, ot + hd, 0.0f);
-      if (mx == -std::numeric_limits<float>::infinity()) continue;  // nothing visible: zeros
-      // Probabilities, vectorized (elementwise, so order-free); masked slots become exact zeros.
-      const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      // (score has room for a padded last group of 8, so every slot goes through exp8 alike)
-      std::fill(score.begin() + visible, score.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < visible; j += 8) {
-        const __m256 sj = _mm256_loadu_ps(score.data() + j);
-        const __m256 p = fastdecode::exp8(_mm256_sub_ps(sj, vmx));
-        _mm256_storeu_ps(score.data() + j, _mm256_and_ps(p, _mm256_cmp_ps(sj, ninf, _CMP_NEQ_OQ)));
-      }
-      // The sum runs in slot order and skips nothing (masked zeros add exactly nothing), so a
-      // token sees the same sum in a tree forward as in a one-token forward.
-      float sum = 0.0f;
-      for (int64_t jj = 0; jj < visible; ++jj) sum += score[jj];
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < visible; ++j)
-        if (score[j] != 0.0f) axpy(score[j] * inv, Vg + j * hd, ot, hd);
+      for (int64_t j0 = 0; j0 < last; j0 += kSlots)
+        for (int64_t a = 0; a < nq; ++a) {
+          if (inv[a] == 0.0f || j0 >= visible[a]) continue;
+          const int64_t j1 = std::min(j0 + kSlots, visible[a]);
+          const float* sa = score.data() + a * stride;
+          if (hd == 64) {
+            weighted_sum64(sa, j0, j1, inv[a], Vg, outs[a]);
+          } else {
+            for (int64_t j = j0; j < j1; ++j)
+              if (sa[j] != 0.0f) axpy(sa[j] * inv[a], Vg + j * hd, outs[a], hd);
+          }
+        }
     }
   });
   return out;

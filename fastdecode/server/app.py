@@ -101,12 +101,13 @@ class Guard:
 def create_app(
     llm: LLM, model_name: str | None = None, method: str = "auto", max_batch: int = 8, max_waiting: int = 64,
     api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, engine_thread: bool = True,
+    prefill_chunk: int = 128,
 ) -> FastAPI:
     """The server app for `llm`. With `engine_thread` its engine thread starts and stops with the
     app's lifespan; without, the caller runs `app.state.engine.run()` on a thread of its choosing."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-    engine = BatchEngine(llm, max_batch=max_batch, max_waiting=max_waiting)
+    engine = BatchEngine(llm, max_batch=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
     metrics = ServerMetrics(engine)
     name = model_name or _model_name(llm.model_path)
     aliases = {name, str(llm.model_path)}
@@ -227,7 +228,7 @@ class _Context:
                     delta = {"content": update.text} if reply.kind == "chat" else update.text
                     yield reply.sse(reply.chunk({} if reply.kind == "chat" and not update.text else delta, finish))
                 if done and reply.include_usage:
-                    yield reply.sse(reply.usage_chunk(update.output.token_ids))
+                    yield reply.sse(reply.usage_chunk(update.output))
             yield "data: [DONE]\n\n"
         finally:
             if not done:
@@ -268,9 +269,10 @@ class _Reply:
         self.kind, self.model, self.prompt_tokens, self.include_usage = kind, model, prompt_tokens, include_usage
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
-    def usage(self, token_ids: list[int]) -> dict[str, int]:
-        n = len(token_ids)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+    def usage(self, out: Any) -> dict[str, Any]:
+        n = len(out.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": out.metrics.cached_tokens}}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -283,7 +285,7 @@ class _Reply:
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
             obj = "text_completion"
-        return {**self._head(obj), "choices": [choice], "usage": self.usage(out.token_ids)}
+        return {**self._head(obj), "choices": [choice], "usage": self.usage(out)}
 
     def chunk(self, delta: dict[str, str] | str, finish: str | None) -> dict[str, Any]:
         if self.kind == "chat":
@@ -295,9 +297,9 @@ class _Reply:
         extra = {"usage": None} if self.include_usage else {}
         return {**head, "choices": [choice], **extra}
 
-    def usage_chunk(self, token_ids: list[int]) -> dict[str, Any]:
+    def usage_chunk(self, out: Any) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": self.usage(token_ids)}
+        return {**self._head(obj), "choices": [], "usage": self.usage(out)}
 
     @staticmethod
     def sse(data: dict[str, Any]) -> str:
