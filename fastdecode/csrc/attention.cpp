@@ -192,27 +192,50 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
       for (int64_t a = 0; a < nq; ++a) {
         float* sa = score.data() + a * stride;
         const bool* mt = rows[a];
-        float mx = ninf;
-        for (int64_t j = 0; j < visible[a]; ++j) {
-          if (mt && !mt[j]) sa[j] = ninf;
-          mx = std::max(mx, sa[j]);
-        }
-        inv[a] = 0.0f;
-        if (mx == ninf) continue;  // nothing visible: zeros
-        // Probabilities, vectorized (elementwise, so order-free); masked slots become exact zeros.
+        if (mt)
+          for (int64_t j = 0; j < visible[a]; ++j)
+            if (!mt[j]) sa[j] = ninf;
         // (the row has room for a padded last group of 8, so every slot goes through exp8 alike)
         std::fill(sa + visible[a], sa + stride, ninf);
-        const __m256 vmx = _mm256_set1_ps(mx), vninf = _mm256_set1_ps(ninf);
+        __m256 vmx = _mm256_set1_ps(ninf);  // a max is exact in any order: 8 lanes
+        for (int64_t j = 0; j < visible[a]; j += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(sa + j));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float mx = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_movehdup_ps(m4)));
+        inv[a] = mx == ninf ? 0.0f : 1.0f;  // 0: nothing visible, the output stays zeros
+        if (mx == ninf) continue;
+        // Probabilities, vectorized (elementwise, so order-free); masked slots become exact zeros.
+        const __m256 vm = _mm256_set1_ps(mx), vninf = _mm256_set1_ps(ninf);
         for (int64_t j = 0; j < visible[a]; j += 8) {
           const __m256 sj = _mm256_loadu_ps(sa + j);
-          const __m256 p = fastdecode::exp8(_mm256_sub_ps(sj, vmx));
+          const __m256 p = fastdecode::exp8(_mm256_sub_ps(sj, vm));
           _mm256_storeu_ps(sa + j, _mm256_and_ps(p, _mm256_cmp_ps(sj, vninf, _CMP_NEQ_OQ)));
         }
-        // The sum runs in slot order and skips nothing (masked zeros add exactly nothing), so a
-        // token sees the same sum in a tree forward as in a one-token forward.
-        float sum = 0.0f;
-        for (int64_t jj = 0; jj < visible[a]; ++jj) sum += sa[jj];
-        inv[a] = 1.0f / sum;
+      }
+      // Each query's sum runs in slot order and skips nothing (masked zeros add exactly nothing),
+      // so a token sees the same sum in a tree forward as in a one-token forward. Four queries'
+      // sums run side by side: four independent chains instead of one add's latency per slot.
+      for (int64_t a0 = 0; a0 < nq; a0 += 4) {
+        const int64_t na = std::min<int64_t>(4, nq - a0);
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int64_t common = visible[a0];
+        for (int64_t b = 1; b < na; ++b) common = std::min(common, visible[a0 + b]);
+        if (na == 4) {
+          const float *s0 = score.data() + a0 * stride, *s1 = s0 + stride, *s2 = s1 + stride, *s3 = s2 + stride;
+          for (int64_t j = 0; j < common; ++j) {
+            sum[0] += s0[j];
+            sum[1] += s1[j];
+            sum[2] += s2[j];
+            sum[3] += s3[j];
+          }
+        } else {
+          common = 0;
+        }
+        for (int64_t b = 0; b < na; ++b) {
+          const float* sb = score.data() + (a0 + b) * stride;
+          for (int64_t j = common; j < visible[a0 + b]; ++j) sum[b] += sb[j];
+          if (inv[a0 + b] != 0.0f) inv[a0 + b] = 1.0f / sum[b];
+        }
       }
       for (int64_t j0 = 0; j0 < last; j0 += kSlots)
         for (int64_t a = 0; a < nq; ++a) {
