@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp", "layer.cpp")]
+_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp", "layer.cpp", "sampling.cpp")]
 _HEADERS = [_CSRC / "kernels.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
@@ -140,6 +140,12 @@ def attention_op() -> Callable[..., torch.Tensor] | None:
     RoPE, the pending KV writes and attention of one layer in one call (csrc/attention.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.attention
+
+
+def race_pick_op() -> Callable[[torch.Tensor, int, int], int] | None:
+    """The raw op `(probs, seed, index) -> token`: the seeded sampler's draw (csrc/sampling.cpp), or None."""
+    ops = _load()
+    return None if ops is None else ops.race_pick
 
 
 def layer_ops() -> Any:

@@ -160,3 +160,30 @@ def test_top_p_through_the_probe_equals_a_full_sort(top_p: float) -> None:
         got = Sampler(SamplingParams(temperature=1.0, top_p=top_p), [], 5000).probs(logits)
         assert torch.equal(got > 0, want > 0)
         assert torch.allclose(got, want / want.sum())
+
+
+def test_native_draw_equals_the_numpy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/sampling.cpp (which skips most logs) and the numpy fallback pick the same token: whole
+    vocabularies, sparse supports (top-k/p), seeds over 2**63, ties of equal probability."""
+    import numpy as np
+
+    from fastdecode import kernels, sampling
+
+    if kernels.race_pick_op() is None:
+        pytest.skip("the kernels are not built on this machine")
+    rng = np.random.default_rng(0)
+    cases = []
+    for trial in range(120):
+        vocab = (3, 50, 49152)[trial % 3]
+        probs = torch.softmax(torch.tensor(rng.normal(size=vocab) * rng.uniform(0.1, 6), dtype=torch.float32), -1).numpy()
+        if trial % 4 == 0:
+            probs[rng.random(vocab) < 0.7] = 0.0
+            probs[int(rng.integers(vocab))] = 0.5
+        if trial % 5 == 0:
+            probs[:] = 1.0 / vocab  # all tied
+        cases.append((probs, int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 5000))))
+    native = [sampling.race_pick(p, seed, i) for p, seed, i in cases]
+    monkeypatch.setattr(sampling, "race_pick_op", lambda: None)
+    assert [sampling.race_pick(p, seed, i) for p, seed, i in cases] == native
+    with pytest.raises(ValueError, match="nonzero probability"):
+        sampling.race_pick(np.zeros(4, dtype=np.float32), 0, 0)
