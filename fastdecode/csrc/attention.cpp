@@ -1,4 +1,4 @@
-// The attention core of one decoder layer in one call, for n = 1..64 new tokens:
+// The attention core of one decoder layer in one call, for any number n of new tokens:
 //   RoPE on the new q and k heads -> k, v written to the cache's pending slots
 //   [length, length + n) -> softmax(q k^T / sqrt(hd) + mask) v over slots [0, length + n).
 // Replaces ~15 small torch ops per layer (complex views, transposes, copies, mask
@@ -11,8 +11,8 @@
 //   cache k, v [layers, kv_heads, max_len, hd];
 //   rot   [n, hd / 2, 2]: (cos, sin) of each pair's angle at each new token's position;
 //   mask  [n, length + n] bool (true = may attend), or none for causal.
-// Each (head, token) is one task summed in a fixed order, so the result for a token
-// does not depend on n or on the thread count.
+// Each (head, token) is summed in a fixed order of its own (see the tasks below), so the
+// result for a token does not depend on n, on the rows beside it or on the thread count.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -1,5 +1,5 @@
-// One whole Llama decoder layer in one call, for the n = 1..64 rows of decode steps and draft
-// trees:
+// One whole Llama decoder layer in one call, for the n rows of a decode step, a draft tree or a
+// prefill:
 //   h = rms_norm(x) -> qkv = h Wqkv -> attention (RoPE, pending KV writes, masked attention)
 //   -> x += attn Wo -> h = rms_norm(x) -> x += (silu(h Wgate) * h Wup) Wdown
 // Why: in Python each layer was ~12 torch ops plus module calls; their fixed costs (~10 ms of a
