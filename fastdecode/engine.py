@@ -106,9 +106,9 @@ def tree_segment(root: int, tree: DraftTree, cache: KVCache) -> Segment:
 def start_prefill(cache: KVCache, prompt_ids: list[int], reuse: bool, out: RequestOutput) -> None:
     """Ready `cache` for a new prompt: keep the slots of the prefix it shares with what the cache
     last held when `reuse` (the model has exact rows), else empty it."""
-    out.metrics.cached_tokens = cache.reuse(prompt_ids) if reuse else 0
     if not reuse:
         cache.truncate(0)
+    out.metrics.cached_tokens = cache.reuse(prompt_ids)  # an empty cache shares nothing
 
 
 def prefill_segment(prompt_ids: list[int], cache: KVCache, chunk: int | None = None) -> Segment:

@@ -57,8 +57,7 @@ class LLM:
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
         # a prompt that starts like the last one (a chat's next turn, a shared system prompt) reuses its
         # cached K/V; only where that is bit-exact (Transformer.exact_rows), so outputs never change
-        self.prefix_cache = bool(prefix_cache) and self.model.exact_rows
-        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.prefix_cache)
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, bool(prefix_cache) and self.model.exact_rows)
         self.draft_model_path = draft_model
         self._draft_model: Transformer | None = None
         self._drafters: dict[str, Drafter] = {}
@@ -90,6 +89,11 @@ class LLM:
             piece = tracker.delta()
             if piece:
                 yield piece
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether prompts reuse a cached prefix (asked for, and the model has exact rows)."""
+        return self.engine.prefix_cache
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
         for m in messages:

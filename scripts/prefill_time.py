@@ -56,7 +56,7 @@ def chat(llm: LLM, turns: int, max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     answers: dict[bool, list] = {}
     for cached in (False, True):
-        llm.prefix_cache = llm.engine.prefix_cache = cached and llm.model.exact_rows
+        llm.engine.prefix_cache = cached and llm.model.exact_rows
         llm.engine.cache.truncate(0)
         messages, outs = [], []
         for question in questions:

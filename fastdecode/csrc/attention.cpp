@@ -35,10 +35,7 @@ inline float dot(const float* a, const float* b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float r = _mm_cvtss_f32(s);
+  float r = fastdecode::hsum8(acc);
   for (; i < d; ++i) r += a[i] * b[i];
   return r;
 }
@@ -64,12 +61,7 @@ inline void dots4(const float* q, const float* k4, float scale, float* out) {
     for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k4 + c * 64 + i), acc[c]);
   }
 #pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[c]), _mm256_extractf128_ps(acc[c], 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[c] = _mm_cvtss_f32(s) * scale;
-  }
+  for (int c = 0; c < 4; ++c) out[c] = fastdecode::hsum8(acc[c]) * scale;
 }
 
 // out[0..64) += sum over slots j0 <= j < j1 in order of (p[j] * inv) v_j, skipping p[j] == 0:

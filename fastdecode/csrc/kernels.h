@@ -17,6 +17,16 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
                      int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
                      int64_t kv_heads);
 
+// The sum of 8 lanes, in the one order every kernel uses: (l0 + l4, l1 + l5, l2 + l6, l3 + l7),
+// then (a0 + a2, a1 + a3), then their sum. Results that must match across kernels (a dot in a
+// tree forward and in a one-token forward) depend on that order.
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // e^x for 8 floats (Cephes' expf: x = k ln2 + r, a degree-6 polynomial in r, 2^k from the
 // exponent bits), ~2 ulp; inputs below -87 are clamped there (e^-87 ~ 1.6e-38: nothing next to
 // the softmax maximum's e^0). Callers zero masked lanes themselves.

@@ -30,13 +30,6 @@ namespace {
 
 using Spec = c10::List<std::optional<at::Tensor>>;
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(), name,
               " must be a contiguous float32 CPU tensor [n, features], got ", x.scalar_type(), " ", x.sizes());
@@ -85,7 +78,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
       const __m256 v = _mm256_loadu_ps(xr + i);
       acc = _mm256_fmadd_ps(v, v, acc);
     }
-    float ss = hsum8(acc);
+    float ss = fastdecode::hsum8(acc);
     for (; i < d; ++i) ss += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
     const __m256 vinv = _mm256_set1_ps(inv);

@@ -51,13 +51,6 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One R x T register tile over the whole of K. w: R weight rows (stride K);
 // xp: T permuted activation rows (stride K); y: T output rows (stride N),
 // columns [0, R); bias: R values or null.
@@ -104,7 +97,7 @@ inline void tile(const uint16_t* w, const float* xp, float* y, const float* bias
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      float s = hsum(acc[r][t]);
+      float s = fastdecode::hsum8(acc[r][t]);
       for (int64_t k = K16; k < K; ++k) s += bf16_to_f32(w[r * K + k]) * xp[t * K + k];
       y[t * N + r] = bias ? s + bias[r] : s;
     }
