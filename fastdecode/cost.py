@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastdecode.kernels import source_digest
+from fastdecode.kernels import bf16_isa, source_digest
 from fastdecode.model import Transformer
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -73,7 +73,7 @@ class CostCurve:
         """Load the curve measured for `key` (+ threads and CPU) or measure and store it."""
         ident = (
             f"{key}|threads={torch.get_num_threads()}|cpu={_cpu_name()}|torch={torch.__version__}"
-            f"|kernels={source_digest()}"
+            f"|kernels={source_digest()}|isa={bf16_isa()}"
         )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         root = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))

@@ -36,12 +36,12 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "attention_op", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
+    "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_q.cpp", "attention.cpp", "layer.cpp", "sampling.cpp")]
+_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_q.cpp", "attention.cpp", "layer.cpp", "sampling.cpp")]
 _HEADERS = [_CSRC / "kernels.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
@@ -133,6 +133,13 @@ def bf16_linear_op() -> Callable[..., torch.Tensor] | None:
     """The raw op `(x, weight, bias) -> y` for hot loops (it validates its inputs in C++), or None."""
     ops = _load()
     return None if ops is None else ops.bf16_linear
+
+
+def bf16_isa() -> str | None:
+    """Which bf16_linear runs: "avx512bf16" (vdpbf16ps, bf16-rounded activations; on CPUs with
+    AVX512-BF16 unless FASTDECODE_NO_AVX512=1) or "avx2" (fp32 activations); None without kernels."""
+    ops = _load()
+    return None if ops is None else ops.bf16_isa()
 
 
 def attention_op() -> Callable[..., torch.Tensor] | None:

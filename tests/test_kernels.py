@@ -1,6 +1,11 @@
 """Tests for fastdecode.kernels.bf16_linear against F.linear on upcast weights."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,13 +29,56 @@ def _inputs(n: int, k: int, big_n: int, bias: bool, seed: int = 0):
     return x, w, b
 
 
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes up to fp32 summation order: with AVX512-BF16 the activations are
+    rounded to bf16 first (vdpbf16ps multiplies bf16 pairs), with AVX2 they stay fp32."""
+    if kernels.bf16_isa() == "avx512bf16":
+        x = x.bfloat16().float()
+    return F.linear(x, w.float(), b)
+
+
 def _check(n: int, k: int, big_n: int, bias: bool) -> None:
     x, w, b = _inputs(n, k, big_n, bias)
     y = kernels.bf16_linear(x, w, b)
-    ref = F.linear(x, w.float(), b)
+    ref = _reference(x, w, b)
     assert y.dtype == torch.float32 and y.shape == (n, big_n)
     # Only the fp32 summation order differs; its error grows with K.
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * max(1.0, k / 576))
+
+
+def test_isa_follows_the_cpu_and_the_switch() -> None:
+    """AVX512-BF16 CPUs get the vdpbf16ps kernel unless FASTDECODE_NO_AVX512 is set."""
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    wanted = "avx512bf16" if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags) else "avx2"
+    assert kernels.bf16_isa() == (
+        "avx2" if os.environ.get("FASTDECODE_NO_AVX512", "0") not in ("", "0") else wanted
+    )
+
+
+def test_the_avx2_kernel_in_a_process_without_avx512() -> None:
+    """On an AVX512-BF16 machine the AVX2 kernel (what AVX2-only CPUs run) is still checked here:
+    fp32 activations, close to F.linear, rows independent of the batch."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        from fastdecode import kernels
+        assert kernels.bf16_isa() == "avx2", kernels.bf16_isa()
+        g = torch.Generator().manual_seed(0)
+        for n, k, big_n in [(1, 576, 67), (5, 1536, 203), (16, 40, 5), (33, 13, 3)]:
+            x = torch.randn(n, k, generator=g)
+            w = torch.randn(big_n, k, generator=g).bfloat16()
+            b = torch.randn(big_n, generator=g)
+            y = kernels.bf16_linear(x, w, b)
+            torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4 * max(1.0, k / 576))
+            for i in range(n):
+                assert torch.equal(kernels.bf16_linear(x[i : i + 1], w, b)[0], y[i]), (n, k, i)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, FASTDECODE_NO_AVX512="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,10 @@
 namespace fastdecode {
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// The AVX512-BF16 bf16_linear (linear_bf16_512.cpp), raw pointers; call only if has_avx512bf16().
+void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
+// Whether this CPU has AVX512F/BW/VL and AVX512-BF16, and FASTDECODE_NO_AVX512 is not set.
+bool has_avx512bf16();
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias, int64_t rows);
 at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,

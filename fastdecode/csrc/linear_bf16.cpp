@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -187,12 +188,16 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   const int64_t n = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({n, N}, x.options());
   if (n == 0 || N == 0) return y;
+  const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (has_avx512bf16()) {
+    bf16_linear_512(x.data_ptr<float>(), W, b, y.data_ptr<float>(), n, K, N);
+    return y;
+  }
   at::Tensor xp = at::empty({n, K}, x.options());
   permute_activations(x.data_ptr<float>(), xp.data_ptr<float>(), n, K);
 
-  const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   const float* xpp = xp.data_ptr<float>();
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Split groups of kRows output rows across threads. The grain keeps a task
   // at >= kMinTaskMacs multiply-adds (~256 KB of weights at n = 1, ~15 us on
@@ -206,10 +211,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+std::string bf16_isa() { return has_avx512bf16() ? "avx512bf16" : "avx2"; }
+
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_isa() -> str", &fastdecode::bf16_isa);  // no tensors: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {

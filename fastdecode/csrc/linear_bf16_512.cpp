@@ -1,0 +1,191 @@
+// bf16_linear on CPUs with AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake and later): the same
+// y[n, N] = x[n, K] @ W[N, K]^T + bias[N], computed with vdpbf16ps, which multiplies 32 bf16
+// pairs and adds them into 16 fp32 lanes in one instruction. The activations are rounded to
+// bf16 once per call (round to nearest even), as every bf16 GEMM does (torch/oneDNN,
+// llama.cpp); the products are exact in fp32 and accumulate in fp32.
+//
+// Why: the AVX2 kernel (linear_bf16.cpp) decodes every weight to fp32 and does 8 multiply-adds
+// per instruction; here it is 32 per instruction and no decode, so n rows cost little more than
+// the one pass over the weights that a single row already pays. That is what makes wide draft
+// trees and batches cheap.
+//
+// Tiling as in linear_bf16.cpp: a register tile of kRows weight rows x kTokens tokens walks the
+// whole of K (16 accumulators, 4 weight and 1 activation registers of the 32); row chunks stay
+// in L2 while the token chunks run over them. A K % 32 tail loads its weights masked and reads
+// the activations' zero padding. Every output element is one accumulator's fixed sequence of
+// vdpbf16ps over K followed by one fixed horizontal sum, so a row's result does not depend on n,
+// the tile it falls in or the thread count.
+//
+// The functions are compiled for AVX512 by the pragma below while the rest of the extension
+// stays AVX2; bf16_linear calls them only when the CPU reports avx512bf16 (see has_avx512bf16).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+
+namespace {
+
+constexpr int kRows = 4;                  // weight rows per register tile
+constexpr int kTokens = 4;                // tokens per register tile
+constexpr int kRowsSingle = 8;            // weight rows per tile when n == 1
+constexpr int64_t kL1Bytes = 24 * 1024;   // bf16 activation bytes per token chunk
+constexpr int64_t kRowChunk = 64;         // weight rows per L2-resident chunk
+constexpr int64_t kPrefetchRows = 16;     // prefetch the weights this many rows ahead
+constexpr int64_t kMinTaskMacs = 1 << 18; // below this a task runs inline
+
+// The sum of 16 lanes: the two 8-lane halves added lane by lane, then hsum8's order.
+inline float hsum16(__m512 v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return fastdecode::hsum8(_mm256_add_ps(lo, hi));
+}
+
+// One R x T register tile over the whole of K. w: R weight rows (stride K); xb: T bf16
+// activation rows (stride Kp, zero-padded to Kp = K rounded up to 32); y: T output rows
+// (stride N), columns [0, R); bias: R values or null.
+template <int R, int T>
+inline void tile(const uint16_t* w, const uint16_t* xb, float* y, const float* bias, int64_t K, int64_t Kp,
+                 int64_t N) {
+  __m512 acc[R][T];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t K32 = K & ~int64_t(31);
+  const char* pf = reinterpret_cast<const char*>(w + kPrefetchRows * K);
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m512bh wv[R];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(pf + 2 * (r * K + k), _MM_HINT_T0);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    }
+#pragma GCC unroll 32
+    for (int t = 0; t < T; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * Kp + k);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+    }
+  }
+  if (K32 < K) {
+    const __mmask32 m = (__mmask32)((1ull << (K - K32)) - 1);
+    __m512bh wv[R];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + K32);
+#pragma GCC unroll 32
+    for (int t = 0; t < T; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * Kp + K32);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int t = 0; t < T; ++t) {
+      const float s = hsum16(acc[r][t]);
+      y[t * N + r] = bias ? s + bias[r] : s;
+    }
+}
+
+template <int R>
+void rows_x_tokens(const uint16_t* w, const uint16_t* xb, float* y, const float* bias, int64_t K, int64_t Kp,
+                   int64_t N, int64_t t0, int64_t t1) {
+  static_assert(kTokens == 4, "token tail below handles 1..3");
+  int64_t t = t0;
+  for (; t + kTokens <= t1; t += kTokens) tile<R, kTokens>(w, xb + t * Kp, y + t * N, bias, K, Kp, N);
+  const uint16_t* xt = xb + t * Kp;
+  float* yt = y + t * N;
+  switch (t1 - t) {
+    case 1: tile<R, 1>(w, xt, yt, bias, K, Kp, N); break;
+    case 2: tile<R, 2>(w, xt, yt, bias, K, Kp, N); break;
+    case 3: tile<R, 3>(w, xt, yt, bias, K, Kp, N); break;
+    default: break;
+  }
+}
+
+void row_range(const uint16_t* W, const uint16_t* xb, float* y, const float* bias, int64_t K, int64_t Kp,
+               int64_t N, int64_t n, int64_t r0, int64_t r1) {
+  auto b = [&](int64_t r) { return bias ? bias + r : nullptr; };
+  if (n == 1) {  // a pure weight stream: wider row tiles
+    int64_t r = r0;
+    for (; r + kRowsSingle <= r1; r += kRowsSingle) tile<kRowsSingle, 1>(W + r * K, xb, y + r, b(r), K, Kp, 0);
+    for (; r < r1; ++r) tile<1, 1>(W + r * K, xb, y + r, b(r), K, Kp, 0);
+    return;
+  }
+  const int64_t tc = std::max<int64_t>(kTokens, kL1Bytes / (std::max<int64_t>(Kp, 32) * 2) / kTokens * kTokens);
+  for (int64_t rc = r0; rc < r1; rc += kRowChunk) {
+    const int64_t rc_end = std::min(rc + kRowChunk, r1);
+    for (int64_t t0 = 0; t0 < n; t0 += tc) {
+      const int64_t t1 = std::min(t0 + tc, n);
+      int64_t r = rc;
+      for (; r + kRows <= rc_end; r += kRows) rows_x_tokens<kRows>(W + r * K, xb, y + r, b(r), K, Kp, N, t0, t1);
+      for (; r < rc_end; ++r) rows_x_tokens<1>(W + r * K, xb, y + r, b(r), K, Kp, N, t0, t1);
+    }
+  }
+}
+
+// x fp32 [n, K] -> bf16 [n, Kp], round to nearest even, zeros after K.
+void to_bf16(const float* x, uint16_t* xb, int64_t n, int64_t K, int64_t Kp) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = x + t * K;
+    uint16_t* dst = xb + t * Kp;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+    if (k < K) {
+      const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), v);
+      k += 16;
+    }
+    for (; k < Kp; ++k) dst[k] = 0;
+  }
+}
+
+}  // namespace
+
+namespace fastdecode {
+
+void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K,
+                     int64_t N) {
+  const int64_t Kp = (K + 31) & ~int64_t(31);
+  at::Tensor xb_t = at::empty({n * Kp + 32}, at::TensorOptions().dtype(at::kBFloat16));
+  auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
+  to_bf16(x, xb, n, K, Kp);
+  const int64_t groups = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (kRows * n * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    row_range(W, xb, y, bias, K, Kp, N, n, g0 * kRows, std::min(N, g1 * kRows));
+  });
+}
+
+}  // namespace fastdecode
+
+#pragma GCC pop_options
+
+namespace fastdecode {
+
+bool has_avx512bf16() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTDECODE_NO_AVX512");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+}
+
+}  // namespace fastdecode
