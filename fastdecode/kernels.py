@@ -37,7 +37,7 @@ import torch
 
 __all__ = [
     "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
-    "q_linear_op", "pack_panels", "unpack_panels",
+    "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "top_k_rows_op",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -153,6 +153,13 @@ def race_pick_op() -> Callable[[torch.Tensor, int, int], int] | None:
     """The raw op `(probs, seed, index) -> token`: the seeded sampler's draw (csrc/sampling.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.race_pick
+
+
+def top_k_rows_op() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """The raw op `(x [n, V] float32, k) -> int64 [n, k]`: each row's k largest entries' indices,
+    largest first, lower index first among equals (csrc/sampling.cpp), or None."""
+    ops = _load()
+    return None if ops is None else ops.top_k_rows
 
 
 def layer_ops() -> Any:

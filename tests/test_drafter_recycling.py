@@ -132,3 +132,20 @@ def test_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None:
 
     x = np.random.default_rng(n * vocab).standard_normal((n, vocab)).astype(np.float32)
     assert (top_k_rows(x, k) == torch.from_numpy(x).topk(k, dim=-1).indices.numpy()).all()
+
+
+@pytest.mark.parametrize("n,vocab,k", [(1, 49152, 8), (9, 49152, 8), (3, 320, 8), (2, 10, 3), (4, 8192, 4), (2, 13, 13)])
+def test_native_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None:
+    """The native op recycling's update uses: torch.topk's indices in order (no ties in random
+    data), ties to the lower index, NaNs never picked, a bad k refused."""
+    from fastdecode.kernels import top_k_rows_op
+
+    op = top_k_rows_op()
+    assert op is not None, "the fastdecode kernels failed to build"
+    x = torch.from_numpy(np.random.default_rng(n * vocab).standard_normal((n, vocab)).astype(np.float32))
+    assert torch.equal(op(x, k), x.topk(k, dim=-1).indices)
+    tied = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 2.0, 3.0, 0.0, 3.0, 1.0, 5.0]])
+    assert op(tied, 4).tolist() == [[9, 1, 2, 5]]
+    assert op(torch.full((1, 3), float("nan")), 2).tolist() == [[-1, -1]]
+    with pytest.raises(RuntimeError, match="k = 0"):
+        op(x, 0)

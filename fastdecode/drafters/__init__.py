@@ -25,11 +25,12 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in AUTO_MEMBERS}, env.cost),
 }
 # Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its
-# Jacobi window only advances when its own window rows are verified. Recycling is left out since
-# the fused int4 layer made a step ~10 ms: its update (the top 8 of every verified row) costs
-# ~0.7 ms a step, more than its extra accepted tokens pay (measured: auto with it 1.01x AR, without
-# it 1.14x, int4, 14 Spec-Bench prompts, 128 tokens, 2 threads).
-AUTO_MEMBERS = ("suffix", "pld", "aded")
+# Jacobi window only advances when its own window rows are verified. Recycling was left out while
+# its update (the top 8 of every verified row, numpy) cost ~0.7 ms of a ~10 ms step; the native
+# top-k (csrc/sampling.cpp) made that a few microseconds a row, and with it auto went from 211.4 to
+# 232.6 decode tokens/s, tau 2.26 -> 2.46 (bf16, AVX512-BF16 EPYC, 24 Spec-Bench prompts, 256
+# tokens, greedy, 2 threads).
+AUTO_MEMBERS = ("suffix", "pld", "aded", "recycling")
 
 
 def check_method(name: str) -> str:

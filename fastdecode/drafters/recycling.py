@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastdecode.drafters.base import DraftRequest, StepResult
+from fastdecode.kernels import top_k_rows_op
 from fastdecode.tree import DraftTree
 
 UNKNOWN = -1
@@ -130,7 +131,9 @@ class TokenRecycling:
     def update(self, step: StepResult) -> None:
         row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
         self._count_rank_hits(row_tokens, step)
-        top = top_k_rows(step.logits.numpy(), self.k)  # [len(tree) + 1, k]
+        op = top_k_rows_op()
+        logits = step.logits.float().contiguous()
+        top = op(logits, self.k).numpy() if op is not None else top_k_rows(logits.numpy(), self.k)  # [len(tree) + 1, k]
         self.successors[row_tokens] = top
         accepted = np.asarray(step.accepted_rows)
         self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
