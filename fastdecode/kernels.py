@@ -21,6 +21,12 @@ the op should cost about one pass over the weights. The kernels stream the weigh
 once per call and keep the per-tile work in registers; see the C++ files for the
 tiling. ``scripts/bench_kernels.py`` measures them.
 
+On CPUs with AVX512-BF16, ``bf16_linear`` runs ``csrc/linear_bf16_512.cpp`` instead
+(``vdpbf16ps``, activations rounded to bf16; ``bf16_isa()`` says which): a bf16 forward of
+16 tokens then costs 1.67x one token, against 3.5x with the AVX2 kernel on the same CPU. Both
+compute every row in an order that does not depend on the number of rows, which is what keeps
+speculative decoding token-for-token equal to AR.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``
 and cached by torch under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the first build takes ~30 s. A failed build is
