@@ -65,10 +65,6 @@ int64_t race_pick(const at::Tensor& probs, int64_t seed, int64_t index) {
   return best;
 }
 
-}  // namespace fastdecode
-
-namespace fastdecode {
-
 // Indices of the k largest entries of every row of x [n, V], largest first; among equal values
 // the lower index first; NaNs are never picked. One pass per row: 8 values at a time are
 // compared with the k-th best so far and skipped unless one beats it (after the first few

@@ -27,9 +27,9 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
 # Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its
 # Jacobi window only advances when its own window rows are verified. Recycling was left out while
 # its update (the top 8 of every verified row, numpy) cost ~0.7 ms of a ~10 ms step; the native
-# top-k (csrc/sampling.cpp) made that a few microseconds a row, and with it auto went from 211.4 to
-# 232.6 decode tokens/s, tau 2.26 -> 2.46 (bf16, AVX512-BF16 EPYC, 24 Spec-Bench prompts, 256
-# tokens, greedy, 2 threads).
+# top-k (csrc/sampling.cpp) made that a few microseconds a row. In `fastdecode bench --limit 10
+# --max-new-tokens 256` (bf16, AVX512-BF16 EPYC, 2 threads) auto went from 1.78x our AR, tau 2.44
+# (without recycling, docs/bench/avx512-bf16) to 1.85x, tau 2.71 (with it, docs/bench/avx512-bf16-auto4).
 AUTO_MEMBERS = ("suffix", "pld", "aded", "recycling")
 
 
