@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,20 @@ def test_the_avx2_kernel_in_a_process_without_avx512() -> None:
     env = dict(os.environ, FASTDECODE_NO_AVX512="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_the_avx2_attention_and_tree_exactness_in_a_process_without_avx512() -> None:
+    """The AVX2 attention core (what AVX2-only CPUs run; AVX512 CPUs run attention_512.cpp) still
+    matches torch, gives a row the same bits alone or in a chunk, and keeps tree forwards equal
+    to one-token forwards bit for bit."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, FASTDECODE_NO_AVX512="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "(attention or tree_forward) and not process",
+         str(tests / "test_kernels.py"), str(tests / "test_exactness.py")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tests.parent,
+    )
+    assert done.returncode == 0 and " passed" in done.stdout, (done.stdout + done.stderr)[-3000:]
 
 
 @pytest.mark.parametrize("bias", [False, True])

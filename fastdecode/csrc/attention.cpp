@@ -80,15 +80,6 @@ inline void weighted_sum64(const float* p, int64_t j0, int64_t j1, float inv, co
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
-// dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
-inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
-  for (int64_t i = 0; i < hd; i += 2) {
-    const float c = rot[i], s = rot[i + 1], x = src[i], y = src[i + 1];
-    dst[i] = x * c - y * s;
-    dst[i + 1] = x * s + y * c;
-  }
-}
-
 }  // namespace
 
 namespace fastdecode {
@@ -137,6 +128,10 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   at::Tensor out = at::empty({n, heads * hd}, qkv.options());
   float* o = out.data_ptr<float>();
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  if (has_avx512() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)) {
+    attention_512(src, width, r, K, V, head_stride, m, o, n, length, heads, kv_heads, hd);
+    return out;
+  }
   const int64_t group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // One task per block of queries: the heads of one KV group (one head when n is small) times a
@@ -153,7 +148,8 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   constexpr int64_t kSlots = 64;               // slots per block
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 8 * nq_max, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(nq_max * hd), score(nq_max * stride), inv(nq_max);
+    std::vector<float> q(nq_max * hd), score(nq_max * stride), inv(nq_max), sums(nq_max);
+    std::vector<const float*> srows(nq_max);
     std::vector<int64_t> visible(nq_max);
     std::vector<const bool*> rows(nq_max);
     std::vector<float*> outs(nq_max);
@@ -205,30 +201,11 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
         }
       }
       // Each query's sum runs in slot order and skips nothing (masked zeros add exactly nothing),
-      // so a token sees the same sum in a tree forward as in a one-token forward. Four queries'
-      // sums run side by side: four independent chains instead of one add's latency per slot.
-      for (int64_t a0 = 0; a0 < nq; a0 += 4) {
-        const int64_t na = std::min<int64_t>(4, nq - a0);
-        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int64_t common = visible[a0];
-        for (int64_t b = 1; b < na; ++b) common = std::min(common, visible[a0 + b]);
-        if (na == 4) {
-          const float *s0 = score.data() + a0 * stride, *s1 = s0 + stride, *s2 = s1 + stride, *s3 = s2 + stride;
-          for (int64_t j = 0; j < common; ++j) {
-            sum[0] += s0[j];
-            sum[1] += s1[j];
-            sum[2] += s2[j];
-            sum[3] += s3[j];
-          }
-        } else {
-          common = 0;
-        }
-        for (int64_t b = 0; b < na; ++b) {
-          const float* sb = score.data() + (a0 + b) * stride;
-          for (int64_t j = common; j < visible[a0 + b]; ++j) sum[b] += sb[j];
-          if (inv[a0 + b] != 0.0f) inv[a0 + b] = 1.0f / sum[b];
-        }
-      }
+      // so a token sees the same sum in a tree forward as in a one-token forward.
+      for (int64_t a = 0; a < nq; ++a) srows[a] = score.data() + a * stride;
+      row_sums(srows.data(), visible.data(), nq, sums.data());
+      for (int64_t a = 0; a < nq; ++a)
+        if (inv[a] != 0.0f) inv[a] = 1.0f / sums[a];
       for (int64_t j0 = 0; j0 < last; j0 += kSlots)
         for (int64_t a = 0; a < nq; ++a) {
           if (inv[a] == 0.0f || j0 >= visible[a]) continue;

@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -16,11 +17,53 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std:
 void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
 // Whether this CPU has AVX512F/BW/VL and AVX512-BF16, and FASTDECODE_NO_AVX512 is not set.
 bool has_avx512bf16();
+// Whether this CPU has AVX512F/BW/VL, and FASTDECODE_NO_AVX512 is not set.
+bool has_avx512();
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias, int64_t rows);
 at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
                      int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
                      int64_t kv_heads);
+// attention's core on AVX512 CPUs (attention_512.cpp), for head_dim 16, 32, 64 or 128: the n
+// queries' rows of qkv (stride `width`) against slots [0, length + n) of one layer's K and V
+// (head stride `head_stride`; the new keys and values already written), into out [n, heads * hd].
+void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
+                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
+                   int64_t kv_heads, int64_t hd);
+
+// dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
+inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
+  for (int64_t i = 0; i < hd; i += 2) {
+    const float c = rot[i], s = rot[i + 1], x = src[i], y = src[i + 1];
+    dst[i] = x * c - y * s;
+    dst[i + 1] = x * s + y * c;
+  }
+}
+
+// sums[a] = rows[a][0] + rows[a][1] + ... + rows[a][len[a] - 1], one add at a time in that order
+// (so exact zeros anywhere in a row leave its sum as without them), four rows side by side so
+// four add chains overlap.
+inline void row_sums(const float* const* rows, const int64_t* len, int64_t count, float* sums) {
+  for (int64_t a0 = 0; a0 < count; a0 += 4) {
+    const int64_t na = std::min<int64_t>(4, count - a0);
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t common = 0;
+    if (na == 4) {
+      common = std::min(std::min(len[a0], len[a0 + 1]), std::min(len[a0 + 2], len[a0 + 3]));
+      const float *r0 = rows[a0], *r1 = rows[a0 + 1], *r2 = rows[a0 + 2], *r3 = rows[a0 + 3];
+      for (int64_t j = 0; j < common; ++j) {
+        s[0] += r0[j];
+        s[1] += r1[j];
+        s[2] += r2[j];
+        s[3] += r3[j];
+      }
+    }
+    for (int64_t b = 0; b < na; ++b) {
+      for (int64_t j = common; j < len[a0 + b]; ++j) s[b] += rows[a0 + b][j];
+      sums[a0 + b] = s[b];
+    }
+  }
+}
 
 // The sum of 8 lanes, in the one order every kernel uses: (l0 + l4, l1 + l5, l2 + l6, l3 + l7),
 // then (a0 + a2, a1 + a3), then their sum. Results that must match across kernels (a dot in a

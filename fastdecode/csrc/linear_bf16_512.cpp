@@ -179,11 +179,8 @@ namespace fastdecode {
 
 bool has_avx512bf16() {
   static const bool yes = [] {
-    const char* env = std::getenv("FASTDECODE_NO_AVX512");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    return has_avx512() && __builtin_cpu_supports("avx512bf16");
   }();
   return yes;
 }

@@ -1,0 +1,233 @@
+// attention's core on CPUs with AVX512 (see attention.cpp for the op, its checks and the KV
+// writes, which run before this): softmax(q k^T / sqrt(hd) + mask) v for n queries.
+//
+// Why: the AVX2 core spent most of a tree forward's attention on horizontal sums (one per
+// score) and 8-lane arithmetic; over a 1,024-token context a 16-token tree's attention cost more
+// than its matmuls. Here a score's 16 lanes of partial sums are reduced 16 scores at a time in
+// one transposing tree (3 operations a score instead of ~6), and every vector is 16 wide.
+//
+// A query's result is a function of its own visible slots' contents, in slot order, whatever
+// the tiling, n or the thread count; and masked or extra slots add exact zeros, so a token gets
+// the same bits in a draft tree (ancestors spread among masked slots) as in a one-token forward
+// (the same ancestors compacted). Per query, fixed orders throughout:
+//   score_j = (tree-sum of 16 lanes, lane l = sum over c of q[16c + l] * k_j[16c + l] by fma in
+//             c order) * scale;
+//   p_j     = e^(score_j - max), exactly 0 where masked; the sum of p in slot order (row_sums);
+//   out     = over j in slot order, out = fma(p_j / sum, v_j, out), lane by lane (masked slots
+//             included: their p is 0, which leaves out as it was).
+// The functions are compiled for AVX512 by the pragma below; attention() calls them only when
+// the CPU has AVX512F/BW/VL (has_avx512).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // slots per cache block (16 KB of keys at hd 64): L1-sized
+
+// exp8 (kernels.h) on 16 lanes: the same steps, constants and clamps.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// r[s] = the sum of v[s]'s 16 lanes for s = 0..15, each by the same tree: within each 128-bit
+// quarter (l0 + l2) + (l1 + l3), then quarters (q0 + q1) + (q2 + q3). Lanes of different
+// vectors never mix, so r[s] depends on v[s] alone.
+inline __m512 reduce16(__m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per quarter: (a0 + a2, b0 + b2, a1 + a3, b1 + b3)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per quarter: the quarter's sum of a, b, c, d
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // (q0 + q1) and (q2 + q3) of 8 vectors
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+// dst[0..16) = scores of query q against the 16 keys at k (rows of 16 * C floats).
+template <int C>
+inline void scores16(const float* q, const float* k, float scale, float* dst) {
+  __m512 qv[C], acc[16];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+#pragma GCC unroll 16
+  for (int s = 0; s < 16; ++s) {
+    acc[s] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + s * 16 * C));  // = fma(q, k, 0)
+#pragma GCC unroll 8
+    for (int c = 1; c < C; ++c) acc[s] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + s * 16 * C + 16 * c), acc[s]);
+  }
+  _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+}
+
+// out[b] = sum over j < len of p[b][j] * v_j (the rows of p already divided by their sums),
+// for Q queries side by side sharing each loaded row of V.
+template <int C, int Q>
+inline void weighted_sums(const float* const* p, int64_t len, const float* V, float* const* out) {
+  __m512 acc[Q][C];
+  for (int b = 0; b < Q; ++b)
+    for (int c = 0; c < C; ++c) acc[b][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    __m512 v[C];
+    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(V + j * 16 * C + 16 * c);
+    for (int b = 0; b < Q; ++b) {
+      const __m512 pb = _mm512_set1_ps(p[b][j]);
+      for (int c = 0; c < C; ++c) acc[b][c] = _mm512_fmadd_ps(pb, v[c], acc[b][c]);
+    }
+  }
+  for (int b = 0; b < Q; ++b)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[b] + 16 * c, acc[b][c]);
+}
+
+template <int C>
+void core(const float* src, int64_t width, const float* rot, const float* K, const float* V, int64_t head_stride,
+          const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
+  constexpr int64_t hd = 16 * C;
+  constexpr int Q = C <= 4 ? 4 : 2;  // queries per weighted_sums call: 4 x C accumulators
+  const int64_t total = length + n, group = heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // A task: the heads of one KV group x up to 4 tokens. Its queries go over the group's keys
+  // block by block and share each loaded row of values.
+  const int64_t hp = group;
+  const int64_t tiles = (n + 3) / 4, tt = (n + tiles - 1) / tiles;
+  const int64_t tasks = heads / hp * tiles, nq_max = hp * tt;
+  const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(nq_max * hd), score(nq_max * stride), tail(16 * hd), sums(nq_max);
+    std::vector<int64_t> visible(nq_max);
+    std::vector<const float*> prow(nq_max);
+    std::vector<float*> outs(nq_max);
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
+      const float* Kg = K + h0 / group * head_stride;
+      const float* Vg = V + h0 / group * head_stride;
+      int64_t last = 0;  // slots seen by any query of the task
+      for (int64_t a = 0; a < nq; ++a) {
+        const int64_t h = h0 + a / nt, t = t0 + a % nt;
+        fastdecode::rope(src + t * width + h * hd, rot + t * hd, q.data() + a * hd, hd);
+        visible[a] = mask ? total : length + t + 1;  // causal: the cache and new tokens up to t
+        outs[a] = out + t * heads * hd + h * hd;
+        last = std::max(last, visible[a]);
+      }
+      // Scores, one 16-slot group at a time; the last group's missing keys read as zeros.
+      for (int64_t j0 = 0; j0 < last; j0 += kBlock)
+        for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {
+          const float* kj = Kg + j * hd;
+          if (j + 16 > total) {
+            std::fill(tail.begin(), tail.end(), 0.0f);
+            std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(float));
+            kj = tail.data();
+          }
+          for (int64_t a = 0; a < nq; ++a)
+            if (j < visible[a]) scores16<C>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
+        }
+      // Softmax numerators: masked slots and slots past a query's end become exact zeros.
+      for (int64_t a = 0; a < nq; ++a) {
+        float* sa = score.data() + a * stride;
+        const int64_t vis = visible[a];
+        __m512 vmx = _mm512_set1_ps(ninf);
+        for (int64_t j = 0; j < stride; j += 16) {
+          __mmask16 keep = j + 16 <= vis ? __mmask16(0xFFFF) : j < vis ? __mmask16((1u << (vis - j)) - 1) : __mmask16(0);
+          if (mask != nullptr && keep != 0) {
+            const bool* mt = mask + (t0 + a % nt) * total + j;
+            keep &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(keep, mt), _mm_set1_epi8(1));
+          }
+          const __m512 s = _mm512_mask_blend_ps(keep, _mm512_set1_ps(ninf), _mm512_loadu_ps(sa + j));
+          _mm512_storeu_ps(sa + j, s);
+          vmx = _mm512_max_ps(vmx, s);
+        }
+        const float mx = _mm512_reduce_max_ps(vmx);  // a max is exact in any order
+        const __m512 vm = _mm512_set1_ps(mx == ninf ? 0.0f : mx);
+        for (int64_t j = 0; j < stride; j += 16) {
+          const __m512 s = _mm512_loadu_ps(sa + j);
+          const __mmask16 live = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
+          _mm512_storeu_ps(sa + j, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm))));
+        }
+        prow[a] = sa;
+      }
+      fastdecode::row_sums(prow.data(), visible.data(), nq, sums.data());
+      for (int64_t a = 0; a < nq; ++a) {  // p / sum (a row with nothing visible stays zeros)
+        float* sa = score.data() + a * stride;
+        const __m512 inv = _mm512_set1_ps(sums[a] > 0.0f ? 1.0f / sums[a] : 0.0f);
+        for (int64_t j = 0; j < stride; j += 16) _mm512_storeu_ps(sa + j, _mm512_mul_ps(_mm512_loadu_ps(sa + j), inv));
+      }
+      // Weighted sums of values, Q queries at a time over the slots any of them sees (the
+      // others' p is 0 there); rows < total are all written, so no read meets garbage.
+      for (int64_t a = 0; a < nq; a += Q) {
+        const int64_t m = std::min<int64_t>(Q, nq - a);
+        const int64_t len = *std::max_element(visible.begin() + a, visible.begin() + a + m);
+        const float* const* pa = prow.data() + a;
+        float* const* oa = outs.data() + a;
+        switch (m) {
+          case 1: weighted_sums<C, 1>(pa, len, Vg, oa); break;
+          case 2: weighted_sums<C, 2>(pa, len, Vg, oa); break;
+          case 3: weighted_sums<C, (Q > 2 ? 3 : 1)>(pa, len, Vg, oa); break;
+          default: weighted_sums<C, Q>(pa, len, Vg, oa); break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+namespace fastdecode {
+
+void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
+                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
+                   int64_t kv_heads, int64_t hd) {
+  switch (hd) {
+    case 16: return core<1>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 32: return core<2>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 64: return core<4>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 128: return core<8>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    default: TORCH_CHECK(false, "attention_512: head_dim ", hd, " is not 16, 32, 64 or 128");
+  }
+}
+
+}  // namespace fastdecode
+
+#pragma GCC pop_options
+
+namespace fastdecode {
+
+bool has_avx512() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTDECODE_NO_AVX512");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return yes;
+}
+
+}  // namespace fastdecode
