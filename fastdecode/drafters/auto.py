@@ -2,20 +2,13 @@
 trie, each node scored by its estimated chance of being accepted, and the tree is cut to the size
 that maximises expected tokens per unit of forward cost on this machine.
 
-Scores come from observed acceptance, not from the members' own confidence. A node's
-conditional rate (its chance of being right given its parent was) is counted per agreement key:
-which members proposed it, its depth and its best sibling rank among them. Agreement is most of
-the signal: on Spec-Bench, depth-1 nodes proposed by one member were right 5 % of the time, by
-two 31 %, by three 67 %, by all four 92 % (14 prompts, 256 tokens, an ad-hoc count). A key's
-Beta prior is the best of its members' own rates per (member, depth, sibling rank), so a new
-combination starts where the old per-member ranking put it. A node's score is its parent's score
-times its rate, so scores never grow down a path and the top-k nodes always form a tree. The tree
-keeps the k best nodes maximising (1 + sum of scores) / step_cost(k) (the 1 is the bonus token
-every step yields); k = 0 is plain decoding.
-
-Every candidate is counted, not only the nodes sent to the model: after a step the emitted tokens
-(accepted + bonus) say what each candidate whose parent matched them would have got. So a
-combination the tree never tries still gets its rate measured.
+Scores come from observed acceptance, not from the members' own confidence: for every
+(member, depth, sibling rank) we count how often a node whose parent was accepted was itself
+accepted (a Beta prior keeps early estimates modest). A node's score is its parent's score times
+the best conditional rate among the members that proposed it, so scores never grow down a path
+and the top-k nodes always form a tree. The tree keeps the k best nodes maximising
+(1 + sum of scores) / step_cost(k) (the 1 is the bonus token every step yields); k = 0 is plain
+decoding.
 
 step_cost(k) is the wall time of a whole step with k draft nodes over one with none, learned
 while decoding (`StepCost`): the time from one propose() to the next covers the members'
@@ -35,7 +28,6 @@ from fastdecode.tree import DraftTree
 BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has seen yet
 PRIOR_WEIGHT = 3.0  # the prior counts as this many trials
 MAX_RANK = 3  # siblings beyond the 3rd share one statistic
-MAX_DEPTH = 6  # agreement keys: depths beyond share one statistic
 MAX_TRIALS = 5000.0  # counts are rescaled past this, so the rates follow a changing workload
 
 
@@ -91,8 +83,7 @@ class AutoDrafter:
         self.members = members
         self.step_cost = StepCost(cost)
         self.stats: dict[tuple[str, int, int], list[float]] = {}
-        self.agreement: dict[tuple[tuple[str, ...], int, int], list[float]] = {}
-        self._candidates: list[_Node] = []  # every merged node of the last step, parents first
+        self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
 
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
@@ -105,23 +96,11 @@ class AutoDrafter:
             member.end(output_ids)
 
     def rate(self, key: tuple[str, int, int]) -> float:
-        """A member's conditional acceptance at (depth, sibling rank). The prior of depth d is the
-        rate at depth d - 1, so deep nodes of a member that is usually right get tried."""
+        """Conditional acceptance of a node given its parent was accepted. The prior of depth d is
+        the rate at depth d - 1, so deep nodes of a member that is usually right get tried."""
         name, depth, rank = key
         prior = BASE_RATE if depth <= 1 else self.rate((name, depth - 1, rank))
         hits, trials = self.stats.get(key, (0.0, 0.0))
-        return (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
-
-    @staticmethod
-    def agreement_key(node: _Node) -> tuple[tuple[str, ...], int, int]:
-        """(the members that proposed the node, its depth capped, its best sibling rank)."""
-        return (tuple(sorted({key[0] for key in node.keys})), min(node.depth, MAX_DEPTH), min(key[2] for key in node.keys))
-
-    def node_rate(self, node: _Node) -> float:
-        """The node's conditional acceptance, from its agreement key's count, with the best of its
-        members' own rates as the prior."""
-        prior = max(self.rate(key) for key in node.keys)
-        hits, trials = self.agreement.get(self.agreement_key(node), (0.0, 0.0))
         return (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
@@ -135,12 +114,13 @@ class AutoDrafter:
     def _propose(self, context: list[int], budget: int) -> DraftTree:
         nodes = self._merge(context, budget)
         for node in nodes:  # parents come first
-            node.score = self.node_rate(node) * (1.0 if node.parent < 0 else nodes[node.parent].score)
+            best = max(self.rate(key) for key in node.keys)
+            node.score = best * (1.0 if node.parent < 0 else nodes[node.parent].score)
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, i))[:budget]
         keep = sorted(order[: self._best_size([nodes[i].score for i in order])])
         remap = {old: new for new, old in enumerate(keep)}
         parents = [remap[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep]
-        self._candidates = nodes
+        self._chosen = [(nodes[i], parent) for i, parent in zip(keep, parents)]
         return DraftTree([nodes[i].token for i in keep], parents)
 
     def _merge(self, context: list[int], budget: int) -> list[_Node]:
@@ -177,19 +157,15 @@ class AutoDrafter:
     def update(self, step: StepResult) -> None:
         for member in self.members.values():
             member.update(step)
-        emitted = step.emitted  # the true tokens after the root, as far as this step got
-        matched: list[bool] = []
-        for node in self._candidates:
-            if (node.parent >= 0 and not matched[node.parent]) or node.depth > len(emitted):
-                matched.append(False)  # never had a chance, or its token's truth is not known yet
-                continue
-            hit = emitted[node.depth - 1] == node.token
-            matched.append(hit)
-            for stats, key in [(self.stats, k) for k in node.keys] + [(self.agreement, self.agreement_key(node))]:
-                stat = stats.setdefault(key, [0.0, 0.0])
+        accepted = set(step.accepted_rows)
+        for i, (node, parent) in enumerate(self._chosen):
+            if parent + 1 not in accepted:  # row of the parent; row 0 = root
+                continue  # never had a chance
+            hit = float(i + 1 in accepted)
+            for key in node.keys:
+                stat = self.stats.setdefault(key, [0.0, 0.0])
                 stat[0] += hit
                 stat[1] += 1.0
                 if stat[1] > MAX_TRIALS:
                     stat[0] /= 2
                     stat[1] /= 2
-        self._candidates = []
