@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,7 @@ class Block(nn.Module):
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self._specs: list[list[torch.Tensor | None]] | None = None  # the linears as layer() takes them
+        self._native: tuple[Any, ...] | None = None  # native_weights(), built once
 
     def forward(
         self,
@@ -129,10 +130,8 @@ class Block(nn.Module):
         n, hd = x.shape[0], self.head_dim
         ops = layer_ops()
         if attention is not None and ops is not None:  # the whole layer in one native call
-            return ops.layer(
-                x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, *self.specs(),
-                cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv,
-            )
+            return ops.layer(x, *self.native_weights(), cache.k, cache.v, layer, cache.length, rot_real, mask,
+                             self.n_heads, self.n_kv)
         qkv = self.qkv(self.attn_norm(x))
         if attention is not None:
             attn = attention(qkv, cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv)
@@ -140,6 +139,12 @@ class Block(nn.Module):
         else:
             x = x + self.o(self._attention_torch(qkv.view(n, self.n_heads + 2 * self.n_kv, hd), rot, cache, layer, mask))
         return x + self.down(silu_mul(self.gate_up(self.mlp_norm(x))))
+
+    def native_weights(self) -> tuple[Any, ...]:
+        """(attn_norm, mlp_norm, eps, qkv, o, gate_up, down): the weights as `layer` takes them."""
+        if self._native is None:
+            self._native = (self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, *self.specs())
+        return self._native
 
     def specs(self) -> list[list[torch.Tensor | None]]:
         """The four linears as the fused layer kernels take them (built once)."""
@@ -283,8 +288,15 @@ class Transformer(nn.Module):
         if kernel is not None and mask is not None:
             mask = mask.to(torch.bool).contiguous()
         x = self.embed(tokens).float()
-        for layer in range(len(self.blocks)) if layers is None else layers:
-            x = self.blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
+        order = range(len(self.blocks)) if layers is None else layers
+        ops = layer_ops()
+        if kernel is not None and ops is not None:  # Block.forward's native path, minus ~30 module calls
+            for layer in order:
+                x = ops.layer(x, *self.blocks[layer].native_weights(), cache.k, cache.v, layer, cache.length,
+                              rot_real, mask, self.cfg.num_heads, self.cfg.num_kv_heads)
+        else:
+            for layer in order:
+                x = self.blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
@@ -313,10 +325,8 @@ class Transformer(nn.Module):
             rots, masks = [p.rot_real for p in prepared], [p.mask for p in prepared]
             starts = [p.rows.start for p in prepared] + [start]
             for layer, block in enumerate(self.blocks):
-                x = ops.layer_batch(
-                    x, block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *block.specs(),
-                    ks, vs, layer, lengths, rots, masks, starts, block.n_heads, block.n_kv,
-                )
+                x = ops.layer_batch(x, *block.native_weights(), ks, vs, layer, lengths, rots, masks, starts,
+                                    block.n_heads, block.n_kv)
         else:
             for layer, block in enumerate(self.blocks):
                 x = block.forward_segments(x, prepared, layer)
