@@ -265,7 +265,9 @@ def one_slot_server(tmp_path_factory):
 
 def test_queue_full_is_429_and_disconnect_frees_the_slot(one_slot_server) -> None:
     url, app = one_slot_server
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 400, "temperature": 0, "stream": True}
+    # 4,000 tokens hold the slot ~2 s on this tiny model (400 took 0.2 s, a window that a slow
+    # moment of the machine could close before the second request arrived)
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "temperature": 0, "stream": True}
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -291,9 +293,9 @@ def _cancelled(url: str) -> float:
 def test_non_streaming_client_timeout_cancels(one_slot_server) -> None:
     url, _ = one_slot_server
     before = _cancelled(url)
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "temperature": 0}  # 10+ s of work
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "temperature": 0}  # ~2 s of work
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.25))
     _wait_idle(url)
     assert _cancelled(url) == before + 1
 
