@@ -25,7 +25,9 @@ On CPUs with AVX512-BF16, ``bf16_linear`` runs ``csrc/linear_bf16_512.cpp`` inst
 (``vdpbf16ps``, activations rounded to bf16; ``bf16_isa()`` says which): a bf16 forward of
 16 tokens then costs 1.67x one token, against 3.5x with the AVX2 kernel on the same CPU. Both
 compute every row in an order that does not depend on the number of rows, which is what keeps
-speculative decoding token-for-token equal to AR.
+speculative decoding token-for-token equal to AR. On CPUs with AVX512F/BW/VL the attention
+core is ``csrc/attention_512.cpp`` (16 lanes; half the AVX2 core's time for a 16-token tree);
+``FASTDECODE_NO_AVX512=1`` forces the AVX2 code for both.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``
 and cached by torch under ``$TORCH_EXTENSIONS_DIR`` (default

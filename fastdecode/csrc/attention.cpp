@@ -13,6 +13,8 @@
 //   mask  [n, length + n] bool (true = may attend), or none for causal.
 // Each (head, token) is summed in a fixed order of its own (see the tasks below), so the
 // result for a token does not depend on n, on the rows beside it or on the thread count.
+// On AVX512 CPUs (has_avx512, unless FASTDECODE_NO_AVX512 is set) the core after the KV writes
+// is attention_512.cpp's, 16 lanes wide, with its own fixed orders; the core below is the AVX2 one.
 #include <immintrin.h>
 
 #include <algorithm>
