@@ -23,7 +23,8 @@ tiling. ``scripts/bench_kernels.py`` measures them.
 
 On CPUs with AVX512-BF16, ``bf16_linear`` runs ``csrc/linear_bf16_512.cpp`` instead
 (``vdpbf16ps``, activations rounded to bf16; ``bf16_isa()`` says which): a bf16 forward of
-16 tokens then costs 1.67x one token, against 3.5x with the AVX2 kernel on the same CPU. Both
+16 tokens over 256 cached tokens then costs 1.44x one token, against 3.2x with the AVX2 kernels
+on the same CPU (``scripts/forward_cost.py``). Both
 compute every row in an order that does not depend on the number of rows, which is what keeps
 speculative decoding token-for-token equal to AR. On CPUs with AVX512F/BW/VL the attention
 core is ``csrc/attention_512.cpp`` (16 lanes; half the AVX2 core's time for a 16-token tree);
