@@ -130,8 +130,7 @@ class Block(nn.Module):
         n, hd = x.shape[0], self.head_dim
         ops = layer_ops()
         if attention is not None and ops is not None:  # the whole layer in one native call
-            return ops.layer(x, *self.native_weights(), cache.k, cache.v, layer, cache.length, rot_real, mask,
-                             self.n_heads, self.n_kv)
+            return self.native(ops, x, cache, layer, rot_real, mask)
         qkv = self.qkv(self.attn_norm(x))
         if attention is not None:
             attn = attention(qkv, cache.k, cache.v, layer, cache.length, rot_real, mask, self.n_heads, self.n_kv)
@@ -139,6 +138,12 @@ class Block(nn.Module):
         else:
             x = x + self.o(self._attention_torch(qkv.view(n, self.n_heads + 2 * self.n_kv, hd), rot, cache, layer, mask))
         return x + self.down(silu_mul(self.gate_up(self.mlp_norm(x))))
+
+    def native(self, ops: Any, x: torch.Tensor, cache: KVCache, layer: int, rot_real: torch.Tensor | None,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """The layer in one native call (csrc/layer.cpp), given the kernels' op namespace."""
+        return ops.layer(x, *self.native_weights(), cache.k, cache.v, layer, cache.length, rot_real, mask,
+                         self.n_heads, self.n_kv)
 
     def native_weights(self) -> tuple[Any, ...]:
         """(attn_norm, mlp_norm, eps, qkv, o, gate_up, down): the weights as `layer` takes them."""
@@ -292,8 +297,7 @@ class Transformer(nn.Module):
         ops = layer_ops()
         if kernel is not None and ops is not None:  # Block.forward's native path, minus ~30 module calls
             for layer in order:
-                x = ops.layer(x, *self.blocks[layer].native_weights(), cache.k, cache.v, layer, cache.length,
-                              rot_real, mask, self.cfg.num_heads, self.cfg.num_kv_heads)
+                x = self.blocks[layer].native(ops, x, cache, layer, rot_real, mask)
         else:
             for layer in order:
                 x = self.blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)

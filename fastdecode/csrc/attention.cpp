@@ -160,15 +160,11 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
       const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
       const float* Kg = K + h0 / group * head_stride;
       const float* Vg = V + h0 / group * head_stride;
-      int64_t last = 0;  // slots seen by any query of the task
+      const int64_t last = task_queries(src, width, r, o, heads, hd, h0, t0, nt, nq, length, total, m != nullptr,
+                                        q.data(), visible.data(), outs.data());
       for (int64_t a = 0; a < nq; ++a) {
-        const int64_t h = h0 + a / nt, t = t0 + a % nt;
-        rope(src + t * width + h * hd, r + t * hd, q.data() + a * hd, hd);
-        rows[a] = m ? m + t * total : nullptr;
-        visible[a] = m ? total : length + t + 1;  // causal: the cache and new tokens up to t
-        outs[a] = o + t * heads * hd + h * hd;
+        rows[a] = m ? m + (t0 + a % nt) * total : nullptr;
         std::fill(outs[a], outs[a] + hd, 0.0f);
-        last = std::max(last, visible[a]);
       }
       for (int64_t j0 = 0; j0 < last; j0 += kSlots)
         for (int64_t a = 0; a < nq; ++a) {

@@ -129,14 +129,8 @@ void core(const float* src, int64_t width, const float* rot, const float* K, con
       const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
       const float* Kg = K + h0 / group * head_stride;
       const float* Vg = V + h0 / group * head_stride;
-      int64_t last = 0;  // slots seen by any query of the task
-      for (int64_t a = 0; a < nq; ++a) {
-        const int64_t h = h0 + a / nt, t = t0 + a % nt;
-        fastdecode::rope(src + t * width + h * hd, rot + t * hd, q.data() + a * hd, hd);
-        visible[a] = mask ? total : length + t + 1;  // causal: the cache and new tokens up to t
-        outs[a] = out + t * heads * hd + h * hd;
-        last = std::max(last, visible[a]);
-      }
+      const int64_t last = fastdecode::task_queries(src, width, rot, out, heads, hd, h0, t0, nt, nq, length, total,
+                                                    mask != nullptr, q.data(), visible.data(), outs.data());
       // Scores, one 16-slot group at a time; the last group's missing keys read as zeros.
       for (int64_t j0 = 0; j0 < last; j0 += kBlock)
         for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {

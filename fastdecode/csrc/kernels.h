@@ -40,6 +40,24 @@ inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
   }
 }
 
+// The queries of one attention task, heads h0.. x tokens [t0, t0 + nt), head-major: query a is
+// head h0 + a / nt at token t0 + a % nt. Each is rotated into q + a * hd and gets the number of
+// slots it sees (all `total` under a mask; causal: the cache and the new tokens up to its own)
+// and its row of `out`. Returns the most slots any of them sees.
+inline int64_t task_queries(const float* qkv, int64_t width, const float* rot, float* out, int64_t heads,
+                            int64_t hd, int64_t h0, int64_t t0, int64_t nt, int64_t nq, int64_t length,
+                            int64_t total, bool masked, float* q, int64_t* visible, float** outs) {
+  int64_t last = 0;
+  for (int64_t a = 0; a < nq; ++a) {
+    const int64_t h = h0 + a / nt, t = t0 + a % nt;
+    rope(qkv + t * width + h * hd, rot + t * hd, q + a * hd, hd);
+    visible[a] = masked ? total : length + t + 1;
+    outs[a] = out + t * heads * hd + h * hd;
+    last = std::max(last, visible[a]);
+  }
+  return last;
+}
+
 // sums[a] = rows[a][0] + rows[a][1] + ... + rows[a][len[a] - 1], one add at a time in that order
 // (so exact zeros anywhere in a row leave its sum as without them), four rows side by side so
 // four add chains overlap.
