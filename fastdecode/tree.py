@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -60,12 +61,12 @@ class DraftTree:
     def ancestor_mask(self) -> torch.Tensor:
         """`[n+1, n+1]` bool: input row i may attend to row j iff j is i or an ancestor of i."""
         n = len(self.tokens) + 1
-        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask = np.zeros((n, n), dtype=bool)  # numpy: a torch row copy costs ~5 us, a numpy one <1
         mask[:, 0] = True
         for i, parent in enumerate(self.parents, start=1):
             mask[i] = mask[parent + 1]
             mask[i, i] = True
-        return mask
+        return torch.from_numpy(mask)
 
     def paths(self) -> list[list[int]]:
         """Root-to-leaf token paths (root excluded)."""

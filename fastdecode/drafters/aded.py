@@ -25,7 +25,6 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from fastdecode.sampling import argmax_rows
 from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.tree import DraftTree
 
@@ -112,11 +111,11 @@ class Aded:
         rejected = [row for row in range(1, len(step.tree) + 1) if row not in accepted]
         if not rejected:
             return
-        top1 = argmax_rows(step.logits[rejected])
+        top1 = step.argmax()
         tokens = [step.root] + step.tree.tokens
-        for row, predicted in zip(rejected, top1):
+        for row in rejected:
             parent_row = step.tree.parents[row - 1] + 1
-            self.observe(tokens[parent_row], tokens[row], predicted)
+            self.observe(tokens[parent_row], tokens[row], top1[row])
 
     # -- the search ----------------------------------------------------------------------------
     def _simulate(self, root: _SearchNode, tree: DraftTree) -> None:
