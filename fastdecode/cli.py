@@ -6,7 +6,7 @@ import json
 import sys
 
 from fastdecode.drafters import METHODS
-from fastdecode.llm import DTYPES
+from fastdecode.llm import DEFAULT_METHOD, DTYPES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="ar", help=f"decoding method: {', '.join(METHODS)}")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"decoding method (default {DEFAULT_METHOD}): {', '.join(METHODS)}")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -64,7 +64,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--method", default="auto", help=f"default decoding method: {', '.join(METHODS)}")
+    serve.add_argument("--method", default=DEFAULT_METHOD, help=f"default decoding method: {', '.join(METHODS)}")
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together (one KV cache each)")
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 429")
     serve.add_argument("--prefill-chunk", type=int, default=128,

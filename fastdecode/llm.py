@@ -20,6 +20,10 @@ from fastdecode.weights import default_model_path, load_checkpoint
 DTYPES = tuple(MATRIX_DTYPES)
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_DRAFT_BUDGET = 8
+# generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
+# fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-attn512 and
+# avx512-bf16-sampled-attn512), and lossless like every method
+DEFAULT_METHOD = "auto"
 
 Message = dict[str, str]
 
@@ -65,7 +69,7 @@ class LLM:
 
     def generate(
         self, prompts: str | Sequence[str] | Sequence[list[int]], params: SamplingParams | None = None,
-        method: str = "ar",
+        method: str = DEFAULT_METHOD,
     ) -> list[RequestOutput]:
         """Complete each prompt (text, or a list of token ids)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -74,7 +78,7 @@ class LLM:
 
     def chat(
         self, conversations: list[Message] | list[list[Message]], params: SamplingParams | None = None,
-        method: str = "ar",
+        method: str = DEFAULT_METHOD,
     ) -> list[RequestOutput]:
         """Answer one conversation or a list of them, through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
@@ -82,7 +86,7 @@ class LLM:
         return [self._run_to_end(self.apply_chat_template(c), params, method) for c in conversations]
 
     def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None, method: str = "ar"
+        self, prompt: str | list[int], params: SamplingParams | None = None, method: str = DEFAULT_METHOD
     ) -> Iterator[str]:
         """Text deltas as they are decided; they never split a UTF-8 character or show a stop string."""
         for _, tracker in self._run(prompt, params, method):

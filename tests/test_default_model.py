@@ -48,7 +48,7 @@ def test_greedy_fp32_tokens_equal_transformers_generate(default_llm_fp32, hf_mod
 def test_chat_answers_and_stops_at_end_of_turn(default_llm_fp32) -> None:
     out = default_llm_fp32.chat(
         [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-        SamplingParams(max_tokens=32, temperature=0),
+        SamplingParams(max_tokens=32, temperature=0), method="ar",
     )[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop" and out.token_ids[-1] in default_llm_fp32.eos_ids

@@ -66,6 +66,16 @@ def test_greedy_output_equals_ar_on_varied_prompts(tiny_llm, ar_outputs, method:
         assert tiny_llm.chat(conv, params, method=method)[0].token_ids == want
 
 
+def test_the_default_method_is_auto_and_drafts(tiny_llm) -> None:
+    params = SamplingParams(max_tokens=32, temperature=0)
+    prompts = ["hello hello hello hello", "the cat sat on the mat. the cat sat on the mat. the cat"]
+    ar = [o.token_ids for o in tiny_llm.generate(prompts, params, method="ar")]
+    tiny_llm.generate(prompts, params)  # the first pass fills auto's members
+    out = tiny_llm.generate(prompts, params)
+    assert [o.token_ids for o in out] == ar
+    assert sum(o.metrics.drafted for o in out) > 0  # plain AR drafts nothing
+
+
 @pytest.mark.parametrize("method", DRAFTING)
 def test_greedy_output_equals_ar_at_small_and_large_budgets(tiny_llm, method: str) -> None:
     prompts = ["hello hello hello", "the cat sat on the mat. the cat", "Q: 2+2?"]
