@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastdecode.drafters.base import Drafter, DraftRequest, StepResult
@@ -97,10 +98,10 @@ def tree_segment(root: int, tree: DraftTree, cache: KVCache) -> Segment:
     tokens = torch.tensor([root] + tree.tokens, dtype=torch.long)
     if not tree:
         return Segment(tokens, torch.tensor([cache.length]), cache)
-    positions = cache.length + torch.tensor(tree.depths())
-    mask = torch.ones(len(tokens), cache.length + len(tokens), dtype=torch.bool)
-    mask[:, cache.length :] = tree.ancestor_mask()
-    return Segment(tokens, positions, cache, mask)
+    positions = torch.tensor(tree.depths(), dtype=torch.long).add_(cache.length)
+    mask = np.ones((len(tokens), cache.length + len(tokens)), dtype=bool)  # numpy: fewer, cheaper ops
+    mask[:, cache.length :] = tree.ancestor_mask().numpy()
+    return Segment(tokens, positions, cache, torch.from_numpy(mask))
 
 
 def start_prefill(cache: KVCache, prompt_ids: list[int], reuse: bool, out: RequestOutput) -> None:

@@ -93,7 +93,7 @@ class TokenRecycling:
         self.rank_hits = np.zeros(k)  # accepted-path observations per rank
         self.rank_trials = 0
         self.steps = 0
-        self._templates: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._templates: dict[int, list[tuple[int, int]]] = {}
 
     # -- Drafter protocol --------------------------------------------------------------------
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
@@ -106,27 +106,26 @@ class TokenRecycling:
         self.successors[prev[fresh], 0] = nxt[fresh]
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
+        """Walk the template; a node lives if its parent did and its successor is known. A Python
+        loop over the (at most `budget`) nodes: numpy per depth cost ~0.1 ms a step in place."""
         if budget <= 0:
             return DraftTree()
-        tokens = np.full(1, context[-1], dtype=np.int64)  # tokens of the previous depth's nodes
-        alive = np.ones(1, dtype=bool)
-        out_tokens: list[int] = []
-        out_parents: list[int] = []
-        offset = -1  # draft index of the previous depth's first node (-1: the root)
-        for parents, ranks in self._template(budget):
-            # parents index the previous depth's nodes; a node lives if its parent did and is known
-            child = self.successors[tokens[parents], ranks]
-            child_alive = alive[parents] & (child != UNKNOWN)
-            keep = np.flatnonzero(child_alive)
-            if keep.size == 0:
-                break
-            # draft index of every previous-depth node (pruned ones are never a live parent)
-            prev_index = self._prev_draft_index(alive, offset)
-            start = len(out_tokens)
-            out_tokens.extend(child[keep].tolist())
-            out_parents.extend(prev_index[parents[keep]].tolist())
-            tokens, alive, offset = child, child_alive, start
-        return DraftTree(out_tokens, out_parents)
+        successors, root = self.successors, context[-1]
+        token_of: list[int] = []  # per template node: its token, or UNKNOWN when it is dead
+        index_of: list[int] = []  # per template node: its draft index (-1 when dead)
+        tokens: list[int] = []
+        parents: list[int] = []
+        for parent, rank in self._template(budget):
+            parent_token = root if parent < 0 else token_of[parent]
+            token = UNKNOWN if parent_token == UNKNOWN else int(successors[parent_token, rank])
+            token_of.append(token)
+            if token == UNKNOWN:
+                index_of.append(-1)
+                continue
+            index_of.append(len(tokens))
+            tokens.append(token)
+            parents.append(-1 if parent < 0 else index_of[parent])
+        return DraftTree(tokens, parents)
 
     def update(self, step: StepResult) -> None:
         row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
@@ -169,40 +168,19 @@ class TokenRecycling:
         rates = (self.rank_hits + PRIOR_WEIGHT * prior) / (self.rank_trials + PRIOR_WEIGHT)
         return [min(float(r), 0.95) for r in rates]
 
-    def _template(self, budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per depth: (parent's position within the previous depth, rank) arrays."""
+    def _template(self, budget: int) -> list[tuple[int, int]]:
+        """The budget-sized template as (parent template index or -1, rank), parents first."""
         if budget not in self._templates:
-            nodes = build_template(self.rank_hit_rates(), budget)
-            depth_of: list[int] = []
-            position: list[int] = []  # index within its depth
-            levels: list[tuple[list[int], list[int]]] = []
-            for parent, rank in nodes:
-                depth = 0 if parent < 0 else depth_of[parent] + 1
-                if depth == len(levels):
-                    levels.append(([], []))
-                position.append(len(levels[depth][0]))
-                depth_of.append(depth)
-                levels[depth][0].append(0 if parent < 0 else position[parent])
-                levels[depth][1].append(rank)
-            self._templates[budget] = [
-                (np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)) for p, r in levels
-            ]
+            self._templates[budget] = build_template(self.rank_hit_rates(), budget)
         return self._templates[budget]
-
-    @staticmethod
-    def _prev_draft_index(alive: np.ndarray, offset: int) -> np.ndarray:
-        """Draft index of each previous-depth node (compacted after pruning; -2 if pruned); -1 = root."""
-        if offset < 0:
-            return np.full(alive.shape, -1, dtype=np.int64)
-        index = np.cumsum(alive) - 1 + offset
-        return np.where(alive, index, -2)
 
     def _count_rank_hits(self, row_tokens: np.ndarray, step: StepResult) -> None:
         """At every accepted row, which rank of its (pre-update) successor list the target chose."""
-        rows = step.accepted_rows
-        chosen = np.asarray(step.emitted[: len(rows)], dtype=np.int64)
-        lists = self.successors[row_tokens[rows]]  # [len(rows), k]
-        known = lists[:, 0] != UNKNOWN
-        hits = (lists == chosen[:, None]) & known[:, None]
-        self.rank_hits += hits.sum(axis=0)
-        self.rank_trials += int(known.sum())
+        # a Python loop: a step accepts a few rows, and ~10 numpy calls on such tiny arrays cost more
+        for row, chosen in zip(step.accepted_rows, step.emitted):
+            ranks = self.successors[row_tokens[row]].tolist()
+            if ranks[0] == UNKNOWN:
+                continue
+            self.rank_trials += 1
+            if chosen in ranks:
+                self.rank_hits[ranks.index(chosen)] += 1
