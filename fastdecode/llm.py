@@ -21,8 +21,8 @@ DTYPES = tuple(MATRIX_DTYPES)
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_DRAFT_BUDGET = 8
 # generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
-# fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-attn512 and
-# avx512-bf16-sampled-attn512), and lossless like every method
+# fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-greedy-final and
+# avx512-bf16-sampled-final), and lossless like every method
 DEFAULT_METHOD = "auto"
 
 Message = dict[str, str]

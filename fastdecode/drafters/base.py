@@ -8,7 +8,7 @@ drafters get an explicit handle at construction).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -50,7 +50,7 @@ class StepResult:
     logits: torch.Tensor  # [len(tree) + 1, vocab] fp32, row 0 = root
     accepted_rows: list[int]  # input rows kept (row 0 = root, then accepted draft nodes)
     emitted: list[int]  # tokens emitted this step: accepted draft tokens + the bonus token
-    _argmax: list[int] | None = None
+    _argmax: list[int] | None = field(default=None, init=False, repr=False)
 
     def argmax(self) -> list[int]:
         """The argmax of every row, computed once for all drafters that want it (one pass over all
