@@ -20,7 +20,7 @@ from fastdecode.drafters.base import Drafter, DraftRequest, StepResult
 from fastdecode.kv_cache import KVCache
 from fastdecode.model import Segment, Transformer
 from fastdecode.output import RequestOutput, TextTracker
-from fastdecode.sampling import Sampler, SamplingParams
+from fastdecode.sampling import Sampler, SamplingParams, argmax_rows
 from fastdecode.tree import DraftTree
 from fastdecode.verify import verify
 
@@ -138,9 +138,10 @@ def commit_step(
 ) -> bool:
     """Verify a forward's logits `[len(tree) + 1, vocab]`, keep the accepted rows, tell the drafter,
     emit the tokens; True when the request has finished."""
-    rows, emitted = verify(logits, tree, sampler)
+    argmax = argmax_rows(logits) if sampler.plain_greedy else None  # for the walk and the drafters
+    rows, emitted = verify(logits, tree, sampler, argmax)
     cache.keep(rows)
-    drafter.update(StepResult(root, tree, logits, rows, emitted))
+    drafter.update(StepResult(root, tree, logits, rows, emitted, argmax))
     tracker.out.metrics.steps += 1
     tracker.out.metrics.drafted += len(tree)
     return emit(emitted, tracker)

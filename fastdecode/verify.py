@@ -22,15 +22,18 @@ from fastdecode.sampling import Sampler, argmax_rows
 from fastdecode.tree import DraftTree
 
 
-def verify(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tuple[list[int], list[int]]:
-    """Walk the tree from the root. `logits`: [len(tree) + 1, vocab], row 0 = root.
+def verify(
+    logits: torch.Tensor, tree: DraftTree, sampler: Sampler, argmax: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """Walk the tree from the root. `logits`: [len(tree) + 1, vocab], row 0 = root; `argmax`:
+    every row's argmax when the caller has computed it (used when the sampler is plain greedy).
 
     Returns (accepted input rows, starting with the root row 0; emitted tokens: accepted
     draft tokens followed by the bonus token). Every emitted token is recorded in the sampler.
     """
     children = tree.children()
     if sampler.plain_greedy:
-        argmax = argmax_rows(logits)  # one op for all rows
+        argmax = argmax if argmax is not None else argmax_rows(logits)  # one op for all rows
         pick = argmax.__getitem__
     else:
         def pick(row: int) -> int:

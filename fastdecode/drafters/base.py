@@ -50,14 +50,15 @@ class StepResult:
     logits: torch.Tensor  # [len(tree) + 1, vocab] fp32, row 0 = root
     accepted_rows: list[int]  # input rows kept (row 0 = root, then accepted draft nodes)
     emitted: list[int]  # tokens emitted this step: accepted draft tokens + the bonus token
-    _argmax: list[int] | None = field(default=None, init=False, repr=False)
+    row_argmax: list[int] | None = field(default=None, repr=False)  # every row's argmax, if known
 
     def argmax(self) -> list[int]:
-        """The argmax of every row, computed once for all drafters that want it (one pass over all
-        rows costs ~20 us; selecting rows first copies them and costs ~60)."""
-        if self._argmax is None:
-            self._argmax = argmax_rows(self.logits)
-        return self._argmax
+        """The argmax of every row: the verifier's when it had them (plain greedy), else computed
+        once for all drafters that want it (one pass over all rows costs ~20 us; selecting rows
+        first copies them and costs ~60)."""
+        if self.row_argmax is None:
+            self.row_argmax = argmax_rows(self.logits)
+        return self.row_argmax
 
 
 class Drafter(Protocol):
