@@ -1,4 +1,4 @@
-"""Command line: `fastdecode generate | chat | info | serve | bench`."""
+"""Command line: `fastdecode generate | chat | info | serve | bench | train-head`."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for")
     p.add_argument("--draft-model", default=None,
                    help="a separate draft model for method 'draft' (same tokenizer; default: an early exit of --model)")
+    p.add_argument("--draft-head", default=None,
+                   help="a trained draft head for method 'head' (a .safetensors file from `fastdecode train-head`)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt whole (default: reuse the cached K/V of a prefix shared with an "
                         "earlier prompt, where that is bit-exact: bfloat16, int8, int4)")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, sizes, dtype, threads")
     _add_model_args(info)
     _add_serve_parser(sub)
+    _add_train_head_parser(sub)
     try:
         from fastdecode.bench import add_bench_parser
     except ImportError:
@@ -57,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_parser(sub)
     return parser
+
+
+def _add_train_head_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-head", help="train a draft head for method 'head' from the model alone (headtrain.py)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
+    p.add_argument("--corpus", default=None,
+                   help="a JSON-lines file of the model's own answers: read if it exists, else written")
+    p.add_argument("--corpus-minutes", type=float, default=25.0, help="time to spend writing the corpus")
+    p.add_argument("--batch", type=int, default=64, help="sequences decoded together while writing the corpus")
+    p.add_argument("--answer-tokens", type=int, default=256, help="longest answer in the corpus")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8192, help="the head's vocabulary: the corpus's most frequent tokens")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +104,7 @@ def _llm(args: argparse.Namespace):
     from fastdecode import LLM
 
     return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               draft_model=args.draft_model, prefix_cache=args.prefix_cache)
+               draft_model=args.draft_model, prefix_cache=args.prefix_cache, draft_head=args.draft_head)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -128,6 +145,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastdecode.drafters.head import save_head
+    from fastdecode.headtrain import accuracy, features, load_corpus, make_corpus, save_corpus, train
+
+    for name in ("corpus_minutes", "batch", "answer_tokens", "epochs", "vocab"):
+        value = getattr(args, name)
+        if value < (0 if name == "corpus_minutes" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be {'>= 0' if name == 'corpus_minutes' else '>= 1'}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    llm = _llm(args)
+    if args.corpus and Path(args.corpus).is_file():
+        corpus = load_corpus(args.corpus)
+        log(f"corpus: {len(corpus.seqs)} answers read from {args.corpus}")
+    else:
+        corpus = make_corpus(llm, args.corpus_minutes * 60, args.batch, args.answer_tokens, args.seed, log)
+        if args.corpus:
+            save_corpus(corpus, args.corpus)
+    held = max(1, len(corpus.seqs) // 20)  # 5 % held out, to report accuracy on answers not trained on
+    train_part, test_part = corpus.split(held)
+    head, sub = train(llm, train_part, features(llm.model, train_part.seqs), args.epochs, args.vocab, seed=args.seed,
+                      log=log)
+    acc = accuracy(head, test_part, features(llm.model, test_part.seqs), llm.model.embed.weight.detach(), sub)
+    save_head(out, head.hf_state(), sub, llm.config)
+    print(json.dumps({"out": str(out), "answers": len(train_part.seqs), "held_out": len(test_part.seqs),
+                      "held_out_top1": round(acc, 4)}))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     for key, value in _llm(args).info().items():
         print(f"{key}: {value}")
@@ -136,7 +186,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train-head": cmd_train_head}
     if args.command == "serve":
         from fastdecode.server import serve
 
@@ -146,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     try:
-        if args.command != "info" and args.method not in METHODS:
+        if args.command not in ("info", "train-head") and args.method not in METHODS:
             raise ValueError(f"unknown method {args.method!r}; known methods: {', '.join(METHODS)}")
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

@@ -9,6 +9,7 @@ import torch
 from fastdecode.drafters import METHODS, check_method
 from fastdecode.cost import CostCurve
 from fastdecode.drafters.base import Drafter, DrafterEnv
+from fastdecode.drafters.head import DraftHead, load_head
 from fastdecode.engine import Engine
 from fastdecode.model import MATRIX_DTYPES, Transformer, build_model
 from fastdecode.quant import QUANT_DTYPES, Blocks
@@ -38,6 +39,7 @@ class LLM:
         draft_budget: int = DEFAULT_DRAFT_BUDGET,
         draft_model: str | None = None,
         prefix_cache: bool = True,
+        draft_head: str | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
@@ -64,6 +66,8 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids, bool(prefix_cache) and self.model.exact_rows)
         self.draft_model_path = draft_model
         self._draft_model: Transformer | None = None
+        self.draft_head_path = draft_head
+        self._draft_head: DraftHead | None = None
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostCurve | None = None
 
@@ -130,7 +134,8 @@ class LLM:
     def new_drafter(self, method: str) -> Drafter:
         """A fresh drafter for `method` (the batch engine keeps one per running request)."""
         check_method(method)
-        return METHODS[method](DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model))
+        return METHODS[method](
+            DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model, self.load_draft_head))
 
     def load_draft_model(self) -> Transformer | None:
         """The separate draft model given as `draft_model` (loaded on first use), or None."""
@@ -145,6 +150,13 @@ class LLM:
             )
         self._draft_model = build_model(config, state, self.dtype, self.model.max_len, blocks)
         return self._draft_model
+
+    def load_draft_head(self) -> DraftHead | None:
+        """The trained draft head given as `draft_head` (loaded on first use), or None."""
+        if self.draft_head_path is not None and self._draft_head is None:
+            dtype = torch.float32 if self.dtype == "float32" else torch.bfloat16
+            self._draft_head = load_head(self.draft_head_path, self.model, dtype)
+        return self._draft_head
 
     def forward_cost(self, n: int) -> float:
         """Measured time of an n-token forward over a 1-token one (measured on first use, cached on disk)."""

@@ -258,6 +258,9 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
         self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
+        # the last `forward`'s final hidden states, before the norm, every row (the `head` drafter
+        # reads them); None after a batched forward
+        self.hidden: torch.Tensor | None = None
 
     @property
     def exact_rows(self) -> bool:
@@ -301,6 +304,7 @@ class Transformer(nn.Module):
         else:
             for layer in order:
                 x = self.blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
+        self.hidden = x
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
@@ -316,6 +320,7 @@ class Transformer(nn.Module):
         if len(segments) == 1:  # alone: `forward` itself (one native call per layer when short)
             seg = segments[0]
             return [self.forward(seg.tokens, seg.positions, seg.cache, seg.mask, seg.last_only)]
+        self.hidden = None
         prepared, start = [], 0
         for seg in segments:
             prepared.append(self._prepare(seg, start))

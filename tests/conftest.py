@@ -66,10 +66,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llm(tiny_llama_dir: Path):
+def tiny_head(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A `head` draft head trained for a few seconds on the tiny model's own answers (headtrain.py):
+    (the training module, its corpus, its vocabulary, the saved file)."""
     from fastdecode import LLM
+    from fastdecode.drafters.head import save_head
+    from fastdecode.headtrain import features, make_corpus, train
 
     llm = LLM(str(tiny_llama_dir), dtype="float32")
+    corpus = make_corpus(llm, seconds=0, batch=64, answer_tokens=64, log=lambda _: None)
+    head, sub = train(llm, corpus, features(llm.model, corpus.seqs), epochs=30, vocab=llm.config.vocab_size,
+                      lr=1e-2, log=lambda _: None)
+    path = tmp_path_factory.mktemp("head") / "head.safetensors"
+    save_head(path, head.hf_state(), sub, llm.config)
+    return head, corpus, sub, path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir: Path, tiny_head):
+    from fastdecode import LLM
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", draft_head=str(tiny_head[3]))
     force_model_drafting(llm)
     return llm
 

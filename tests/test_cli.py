@@ -40,3 +40,36 @@ def test_bad_arguments_exit_2_with_a_message(tiny_llama_dir: Path) -> None:
     assert run.returncode == 2 and "unknown method 'nope'" in run.stderr and "Traceback" not in run.stderr
     run = _cli("generate", "x", "--model", str(tiny_llama_dir / "missing.gguf"))
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_train_head_writes_a_head_that_method_head_uses(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`train-head` end to end on the tiny model: it writes its corpus, trains, saves; a second run
+    reads the corpus back; `generate --method head --draft-head` then gives `ar`'s tokens."""
+    out, corpus = tmp_path / "head.safetensors", tmp_path / "corpus.jsonl"
+    args = ("train-head", "--model", str(tiny_llama_dir), "--dtype", "float32", "--out", str(out), "--corpus",
+            str(corpus), "--corpus-minutes", "0", "--batch", "20", "--answer-tokens", "24", "--epochs", "2",
+            "--vocab", "100")
+    run = _cli(*args)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["answers"] + record["held_out"] == len(corpus.read_text().splitlines()) > 0
+    assert 0.0 <= record["held_out_top1"] <= 1.0 and out.is_file()
+    again = _cli(*args)
+    assert again.returncode == 0 and "read from" in again.stderr
+    gen = [_cli("generate", "Hello", "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-tokens", "16",
+                "--json", "--method", m, "--draft-head", str(out)) for m in ("ar", "head")]
+    assert all(g.returncode == 0 for g in gen), gen[1].stderr
+    assert json.loads(gen[0].stdout)["token_ids"] == json.loads(gen[1].stdout)["token_ids"]
+
+
+def test_train_head_bad_arguments_exit_2_with_a_message(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    run = _cli("train-head", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "h.safetensors"), "--epochs", "0")
+    assert run.returncode == 2 and "--epochs=0 must be >= 1" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("train-head", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "no" / "h.safetensors"))
+    assert run.returncode == 2 and "does not exist" in run.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ids": [1, 2]}\n')
+    run = _cli("train-head", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "h.safetensors"), "--corpus", str(bad))
+    assert run.returncode == 2 and "line 1" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("generate", "x", "--model", str(tiny_llama_dir), "--method", "head")
+    assert run.returncode == 2 and "draft_head=PATH" in run.stderr

@@ -53,8 +53,8 @@ def test_tree_forward_equals_one_token_forwards_bitwise(tiny_llama_dir, dtype: s
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int4"])
-def test_every_method_equals_ar_in_low_precision(tiny_llama_dir, dtype: str) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype=dtype)
+def test_every_method_equals_ar_in_low_precision(tiny_llama_dir, tiny_head, dtype: str) -> None:
+    llm = LLM(str(tiny_llama_dir), dtype=dtype, draft_head=str(tiny_head[3]))
     params = SamplingParams(max_tokens=40, temperature=0)
     prompts = ["a b c d e f g a b c d e f g a b c", "for i in range(10):\n    print(i)\nfor i in", "the the the",
                "Shopping list:\n- apples\n- bread\n- milk\n- apples\n- bread\n-"]

@@ -89,14 +89,15 @@ JOBS = [
     ("0123456789 0123456789", SamplingParams(max_tokens=28, temperature=1.0, top_k=20, seed=3), "suffix"),
     ("one two three one two three", SamplingParams(max_tokens=26, temperature=0), "layerskip"),
     ("The weather today is", SamplingParams(max_tokens=22, temperature=0.7, top_p=0.9, seed=5), "draft"),
+    ("the cat sat on the mat. the cat sat", SamplingParams(max_tokens=30, temperature=0), "head"),
 ]
 
 
 @pytest.fixture(scope="module")
-def llm_bf16(tiny_llama_dir) -> LLM:
+def llm_bf16(tiny_llama_dir, tiny_head) -> LLM:
     if not kernels.cpu_supports_avx2_fma():
         pytest.skip("bf16 batching is exact with the AVX2 kernels")
-    llm = LLM(str(tiny_llama_dir), dtype="bfloat16")
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", draft_head=str(tiny_head[3]))
     force_model_drafting(llm)  # layerskip and draft really draft, between the batch's forwards
     return llm
 

@@ -62,6 +62,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every runner (default: torch's)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (our KV cache, llama.cpp)")
     parser.add_argument("--draft-model", default=None, help="a separate draft model for method 'draft'")
+    parser.add_argument("--draft-head", default=None, help="a trained draft head for method 'head' (fastdecode train-head)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0 samples (our methods only: use --peers none); every method gets the same seed")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -133,6 +134,11 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
 
     methods = [check_method(m) for m in _split(args.methods)] if args.methods else list(METHODS)
     notes = []
+    if "head" in methods and args.draft_head is None:
+        if args.methods:
+            raise ValueError("method 'head' needs --draft-head PATH (train one with `fastdecode train-head`)")
+        methods.remove("head")
+        notes.append("method head skipped: no --draft-head given")
     if "ar" not in methods:
         notes.append("method ar added: speedups and exactness are measured against it")
     methods = ["ar"] + [m for m in methods if m != "ar"]
@@ -144,7 +150,7 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     # every runner prefills every prompt whole: a prefix cached by the runner before would favour
     # the runner after (the peers keep no cache between calls either)
     llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len,
-              draft_model=args.draft_model, prefix_cache=False)
+              draft_model=args.draft_model, prefix_cache=False, draft_head=args.draft_head)
     runners = [MethodRunner(llm, m, sampling) for m in methods]
     # HF peers compute in bf16 unless we run fp32 (transformers has no CPU kernels for our block formats)
     hf_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16

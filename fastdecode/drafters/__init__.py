@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fastdecode.drafters.auto import AutoDrafter
 from fastdecode.drafters.base import Drafter, DrafterEnv, NoDraft
 from fastdecode.drafters.aded import Aded
+from fastdecode.drafters.head import head_drafter
 from fastdecode.drafters.lookahead import Lookahead
 from fastdecode.drafters.model import draft_model, layer_skip
 from fastdecode.drafters.ngram import PromptLookupDrafter
@@ -22,6 +23,7 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "suffix": lambda env: SuffixDrafter(),
     "layerskip": layer_skip,
     "draft": draft_model,
+    "head": head_drafter,
     "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in AUTO_MEMBERS}, env.cost),
 }
 # Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its

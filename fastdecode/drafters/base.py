@@ -19,6 +19,7 @@ from fastdecode.sampling import Sampler, argmax_rows
 from fastdecode.tree import DraftTree
 
 if TYPE_CHECKING:
+    from fastdecode.drafters.head import DraftHead
     from fastdecode.model import Transformer
 
 
@@ -31,6 +32,7 @@ class DrafterEnv:
     cost: Callable[[int], float]  # time of an n-token forward over a 1-token one (measured lazily)
     model: "Transformer | None" = None  # the target (layerskip and early-exit drafts run parts of it)
     draft_model: "Callable[[], Transformer | None]" = lambda: None  # a separate draft model, loaded on first use
+    draft_head: "Callable[[], DraftHead | None]" = lambda: None  # a trained draft head, loaded on first use
 
 
 @dataclass

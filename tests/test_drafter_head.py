@@ -1,0 +1,112 @@
+"""The `head` drafter (EAGLE-style draft head) and its training from the model alone (headtrain.py).
+
+The method-wide lossless tests (test_lossless, test_sampling_lossless, test_server_batch) run it
+too, with the head the `tiny_llm` fixture trains (conftest.tiny_head). Here: the pieces.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode import LLM, SamplingParams
+from fastdecode.drafters.head import HeadDrafter, load_head, save_head
+from fastdecode.headtrain import Corpus, TrainHead, accuracy, features, make_corpus, train, turn_ids
+
+
+def test_the_loaded_head_computes_what_the_trained_one_does(tiny_llm, tmp_path) -> None:
+    """The native head (fused q/k/v, interleaved RoPE rows, the layer kernel, a KV cache fed
+    row by row) must give the training module's numbers."""
+    cfg = tiny_llm.config
+    torch.manual_seed(1)
+    head = TrainHead(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                     cfg.rms_norm_eps, cfg.rope_theta)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "head.safetensors"
+    vocab = torch.arange(0, cfg.vocab_size, 3)
+    save_head(path, head.hf_state(), vocab, cfg)
+    native = load_head(path, tiny_llm.model, torch.float32)
+    assert torch.equal(native.vocab, vocab)
+    T, d = 9, cfg.hidden_size
+    feats, embeds = torch.randn(T, d), torch.randn(T, d)
+    want = head(feats[None], embeds[None])[0].detach()
+    cache = tiny_llm.model.new_cache()
+    got = []
+    for j in range(T):  # one row at a time through the cache, as drafting runs it
+        rot = tiny_llm.model.rope[torch.tensor([j])]
+        got.append(native(feats[j : j + 1], embeds[j : j + 1], rot, cache, None))
+        cache.append(1)
+    assert torch.allclose(torch.cat(got), want, atol=1e-4)
+    assert torch.allclose(native.logits(want), want @ tiny_llm.model.embed.weight[vocab].T, atol=1e-4)
+
+
+def test_a_head_file_for_another_model_is_refused(tiny_llm, tmp_path) -> None:
+    cfg = tiny_llm.config
+    head = TrainHead(cfg.hidden_size * 2, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim * 2, cfg.intermediate_size,
+                     cfg.rms_norm_eps, cfg.rope_theta)
+    path = tmp_path / "other.safetensors"
+    other = type(cfg)(**{**cfg.__dict__, "hidden_size": cfg.hidden_size * 2})
+    save_head(path, head.hf_state(), torch.arange(10), other)
+    with pytest.raises(ValueError, match="trained for a model of shape"):
+        load_head(path, tiny_llm.model, torch.float32)
+    with pytest.raises(ValueError, match="not found"):
+        load_head(tmp_path / "missing.safetensors", tiny_llm.model, torch.float32)
+
+
+def test_method_head_without_a_head_names_the_option(tiny_llama_dir) -> None:
+    llm = LLM(str(tiny_llama_dir), dtype="float32")
+    with pytest.raises(ValueError, match="draft_head=PATH"):
+        llm.generate("hello", SamplingParams(max_tokens=4, temperature=0), method="head")
+
+
+def test_magpie_turn_ids_frame_a_user_message(tiny_llm) -> None:
+    before, after = turn_ids(tiny_llm)
+    msg = list(tiny_llm.tokenizer.encode("hi there", add_special_tokens=False))
+    assert before + msg + after == tiny_llm.apply_chat_template([{"role": "user", "content": "hi there"}])
+
+
+def test_trained_head_beats_chance_and_its_drafts_get_accepted(tiny_llm, tiny_head) -> None:
+    """The fixture's head was trained for a few seconds on the tiny model's own answers: on new
+    answers it must guess the token after next far above chance (1 / 320; measured 0.07-0.15 over
+    seeds and thread counts), and drafting with it must take fewer steps than AR, with AR's exact output."""
+    head, corpus, sub, _ = tiny_head
+    fresh = make_corpus(tiny_llm, seconds=0, batch=16, answer_tokens=48, seed=99, log=lambda _: None)
+    acc = accuracy(head, fresh, features(tiny_llm.model, fresh.seqs), tiny_llm.model.embed.weight.detach(), sub)
+    assert acc > 0.04
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    prompts = [seq[:start] for seq, start in zip(fresh.seqs, fresh.starts)]
+    ar = tiny_llm.generate(prompts, params, method="ar")
+    out = tiny_llm.generate(prompts, params, method="head")
+    assert [o.token_ids for o in out] == [o.token_ids for o in ar]
+    assert sum(o.metrics.steps for o in out) < sum(o.metrics.steps for o in ar)
+
+
+def test_the_head_restarts_its_context_after_a_step_without_hidden_states(tiny_llm) -> None:
+    """A batched forward keeps no hidden states: the drafter then proposes nothing for a step and
+    picks the context up again after the next plain one, never misaligned."""
+    drafter = tiny_llm.new_drafter("head")
+    assert isinstance(drafter, HeadDrafter)
+    ids = tiny_llm.tokenizer.encode("the cat sat on the mat")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    want = tiny_llm.generate(ids, params, method="ar")[0].token_ids
+    model = tiny_llm.model
+    real = model.forward
+    calls = {"n": 0}
+
+    def forward(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            model.hidden = None
+        return out
+
+    model.forward = forward
+    try:
+        tiny_llm._drafters["head"] = drafter
+        got = tiny_llm.generate(ids, params, method="head")[0]
+    finally:
+        del model.forward
+        tiny_llm._drafters.pop("head")
+    assert got.token_ids == want
+    assert got.metrics.drafted > 0
