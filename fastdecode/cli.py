@@ -71,8 +71,9 @@ def _add_train_head_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus-minutes", type=float, default=25.0, help="time to spend writing the corpus")
     p.add_argument("--batch", type=int, default=64, help="sequences decoded together while writing the corpus")
     p.add_argument("--answer-tokens", type=int, default=256, help="longest answer in the corpus")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192, help="the head's vocabulary: the corpus's most frequent tokens")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096, help="the head's vocabulary: the corpus's most frequent tokens")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -151,6 +152,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     from fastdecode.drafters.head import save_head
     from fastdecode.headtrain import accuracy, features, load_corpus, make_corpus, save_corpus, train
 
+    if not args.lr > 0:
+        raise ValueError(f"--lr={args.lr} must be > 0")
     for name in ("corpus_minutes", "batch", "answer_tokens", "epochs", "vocab"):
         value = getattr(args, name)
         if value < (0 if name == "corpus_minutes" else 1):
@@ -169,8 +172,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
             save_corpus(corpus, args.corpus)
     held = max(1, len(corpus.seqs) // 20)  # 5 % held out, to report accuracy on answers not trained on
     train_part, test_part = corpus.split(held)
-    head, sub = train(llm, train_part, features(llm.model, train_part.seqs), args.epochs, args.vocab, seed=args.seed,
-                      log=log)
+    head, sub = train(llm, train_part, features(llm.model, train_part.seqs), args.epochs, args.vocab, lr=args.lr,
+                      seed=args.seed, log=log)
     acc = accuracy(head, test_part, features(llm.model, test_part.seqs), llm.model.embed.weight.detach(), sub)
     save_head(out, head.hf_state(), sub, llm.config)
     print(json.dumps({"out": str(out), "answers": len(train_part.seqs), "held_out": len(test_part.seqs),

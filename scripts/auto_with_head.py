@@ -1,5 +1,6 @@
 """Does a trained draft head pay inside `auto`? `ar`, `auto`, `head`, and `auto` with `head` as a
-fourth member, on the same Spec-Bench prompts in one process: tau and decode tokens/s each.
+fourth member, on the same Spec-Bench prompts in one process, interleaved per prompt (so the
+machine's drift hits all four alike): tau and decode tokens/s each, overall and per category.
 
     python scripts/auto_with_head.py --draft-head head.safetensors --limit 3
 
@@ -36,18 +37,26 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     ids = [llm.apply_chat_template([{"role": "user", "content": q.turns[0]}]) for q in prompts]
     llm.generate(ids[:1], params, method="ar")  # warm-up: kernels, cost curve
-    want: list[list[int]] = []
-    for method in drafters:
-        outs = [llm._run_to_end(i, params, method) for i in ids]
-        tokens = sum(o.metrics.tokens for o in outs)
-        steps = sum(o.metrics.steps for o in outs)
-        decode = sum(o.metrics.decode_s for o in outs)
-        got = [o.token_ids for o in outs]
-        want = want or got
-        exact = sum(a == b for a, b in zip(got, want))
-        print(f"{method:10s} tau {tokens / steps:.2f}  decode {tokens / decode:6.1f} tok/s  exact {exact}/{len(got)}",
-              flush=True)
-
+    names = list(drafters)
+    totals = {m: [0, 0, 0.0] for m in names}  # tokens, steps, decode seconds
+    per_cat: dict[str, dict[str, list[float]]] = {}
+    exact = {m: 0 for m in names}
+    for q, i in zip(prompts, ids):
+        outs = {m: llm._run_to_end(i, params, m) for m in names}
+        for m, o in outs.items():
+            for acc in (totals[m], per_cat.setdefault(q.category, {n: [0, 0, 0.0] for n in names})[m]):
+                acc[0] += o.metrics.tokens
+                acc[1] += o.metrics.steps
+                acc[2] += o.metrics.decode_s
+            exact[m] += o.token_ids == outs["ar"].token_ids
+    ar_speed = totals["ar"][0] / totals["ar"][2]
+    for m in names:
+        tokens, steps, decode = totals[m]
+        print(f"{m:10s} tau {tokens / steps:.2f}  decode {tokens / decode:6.1f} tok/s  "
+              f"{tokens / decode / ar_speed:.2f}x ar  exact {exact[m]}/{len(ids)}")
+    print("decode tok/s per category: " + "  ".join(names))
+    for cat, rows in per_cat.items():
+        print(f"  {cat:16s}" + "".join(f"{rows[m][0] / rows[m][2]:9.1f}" for m in names))
 
 if __name__ == "__main__":
     main()

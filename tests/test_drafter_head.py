@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastdecode import LLM, SamplingParams
+from fastdecode.drafters import head as head_module
 from fastdecode.drafters.head import HeadDrafter, load_head, save_head
 from fastdecode.headtrain import Corpus, TrainHead, accuracy, features, make_corpus, train, turn_ids
 
@@ -110,3 +111,34 @@ def test_the_head_restarts_its_context_after_a_step_without_hidden_states(tiny_l
         tiny_llm._drafters.pop("head")
     assert got.token_ids == want
     assert got.metrics.drafted > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_deeper_head_trees_keep_ar_output(tiny_llm, monkeypatch, temperature: float) -> None:
+    """depth 3: the head runs again over its own guessed states (tree rows with a mask over the
+    head's cache); trees reach depth 3, and the output is `ar`'s, greedy and seeded sampling alike.
+    Every frontier node is expanded and kept (MIN_SCORE 0, a budget above the 36 nodes)."""
+    monkeypatch.setattr(head_module, "MIN_SCORE", 0.0)
+    monkeypatch.setattr(tiny_llm, "draft_budget", 40)
+    drafter = HeadDrafter(tiny_llm.model, tiny_llm.load_draft_head(), depth=3)
+    depths = []
+    propose = drafter.propose
+
+    def spy(context, budget):
+        tree = propose(context, budget)
+        depths.append(max(tree.depths()))
+        return tree
+
+    drafter.propose = spy
+    params = SamplingParams(max_tokens=40, temperature=temperature, seed=5, ignore_eos=True)
+    prompts = ["the cat sat on the mat. the cat", "hello hello hello", "1 2 3 4 5 6 7 8"]
+    want = [o.token_ids for o in tiny_llm.generate(prompts, params, method="ar")]
+    tiny_llm._drafters["head"] = drafter
+    try:
+        got = [o.token_ids for o in tiny_llm.generate(prompts, params, method="head")]
+    finally:
+        tiny_llm._drafters.pop("head")
+    assert got == want
+    assert max(depths) == 3
+    with pytest.raises(ValueError, match="depth=0"):
+        HeadDrafter(tiny_llm.model, tiny_llm.load_draft_head(), depth=0)

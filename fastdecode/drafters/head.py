@@ -9,9 +9,10 @@ over its own KV cache of the context, so it sees the whole sequence of the targe
 
 Per step: the rows the last verification accepted (their hidden states, the tokens that followed
 them) are fed to the head; its last output guesses the token after the root, giving depth 1.
-Each further depth is one head call over the best frontier nodes (by the product of the head's
-probabilities along the path), fed with their parent's guessed state. The tree keeps the
-`budget` best nodes. Drafts only propose; the verifier keeps the output exactly the target's.
+Each further depth (`depth` > 1) is one head call over the best frontier nodes (by the product
+of the head's probabilities along the path), fed with their parent's guessed state. The tree
+keeps the `budget` best nodes. Drafts only propose; the verifier keeps the output exactly the
+target's.
 
 The target's hidden states are read from `Transformer.hidden` (set by every `forward`). Where
 they are missing or do not match the step (the batched server forward), the head starts its
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,12 +37,14 @@ from fastdecode.kernels import attention_op
 from fastdecode.tree import DraftTree
 
 FORMAT = "fastdecode-draft-head-1"
-# Tree shape. With SmolLM2-135M's head inside `auto` (21 Spec-Bench prompts, 256 tokens, greedy),
-# depths 5 / 3 / 2 gave tau 3.02 / 3.00 / 2.98 at 235 / 239 / 229 decode tok/s: each depth is one
-# more head call (~0.4 ms), and the tokens it adds are few.
+# Tree shape. Each depth past the first is one more head call (~0.4 ms with Python, SmolLM2-135M's
+# head) and more rows in the verifying forward, whose attention over a long prompt costs per row.
+# With the 4-epoch head of the README, alone, interleaved per prompt (14 Spec-Bench prompts, 256
+# tokens, greedy): depth 1 / 2 / 3 gave tau 1.55 / 1.75 / 1.78 at 171 / 153 / 153 decode tok/s
+# (`ar` 141). So one depth by default; `depth` asks for more.
 TOP_K = 4  # children a frontier node proposes
 FRONTIER = 4  # nodes expanded per depth
-MAX_DEPTH = 3
+DEPTH = 1
 MIN_SCORE = 0.05  # a frontier node whose path probability is below this is not expanded
 
 
@@ -110,8 +114,10 @@ def load_head(path: str | Path, target: Transformer, dtype: torch.dtype) -> Draf
 
 
 class HeadDrafter:
-    def __init__(self, target: Transformer, head: DraftHead) -> None:
-        self.target, self.head = target, head
+    def __init__(self, target: Transformer, head: DraftHead, depth: int = DEPTH) -> None:
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        self.target, self.head, self.depth = target, head, depth
         cfg = target.cfg
         self.cache = KVCache(1, cfg.num_kv_heads, cfg.head_dim, target.max_len, torch.float32)
         self.pending: tuple[torch.Tensor, list[int], int] | None = None  # (hidden rows, next tokens, first position)
@@ -143,7 +149,7 @@ class HeadDrafter:
         hidden, tokens, first = pending
         if first + len(tokens) != self.root_pos:  # out of step with the context: nothing to go on
             return DraftTree()
-        if self.cache.length + len(tokens) + MAX_DEPTH * FRONTIER > self.cache.max_len:
+        if self.cache.length + len(tokens) + self.depth * FRONTIER > self.cache.max_len:
             self.cache.truncate(0)  # the head's cache is full: its context starts again
         positions = list(range(first, first + len(tokens)))
         states = self._run(self.target.norm(hidden), tokens, positions, None)
@@ -172,7 +178,7 @@ class HeadDrafter:
         column: dict[int, int] = {}  # a run node -> its column in the head's cache
         frontier, states = [-1], root_state  # nodes whose guessed states are `states`' rows; -1 = root
         committed = self.cache.length
-        for depth in range(1, min(MAX_DEPTH, budget) + 1):
+        for depth in range(1, min(self.depth, budget) + 1):
             probs = torch.softmax(self.head.logits(states), -1)
             top_p, top_i = probs.topk(min(TOP_K, probs.shape[-1]), -1)
             ids = self.head.vocab[top_i].tolist()
@@ -183,7 +189,7 @@ class HeadDrafter:
                     parents.append(node)
                     scores.append(base * p)
                     depths.append(depth)
-            if depth == min(MAX_DEPTH, budget):
+            if depth == min(self.depth, budget):
                 break
             new = sorted((i for i in range(len(tokens)) if depths[i] == depth), key=lambda i: -scores[i])[:FRONTIER]
             new = [i for i in new if scores[i] >= MIN_SCORE]
@@ -192,7 +198,7 @@ class HeadDrafter:
             # a node's row: its parent's guessed state and its own token, at its parent's position,
             # attending to the context and to its ancestors' rows
             start = self.cache.length
-            mask = torch.zeros(len(new), start + len(new), dtype=torch.bool)
+            mask = np.zeros((len(new), start + len(new)), dtype=bool)  # numpy: far fewer op calls
             mask[:, :committed] = True
             parent_rows = []
             for r, i in enumerate(new):
@@ -202,7 +208,8 @@ class HeadDrafter:
                 while a >= 0:
                     mask[r, column[a]] = True
                     a = parents[a]
-            states = self._run(states[parent_rows], [tokens[i] for i in new], [self.root_pos + depth - 1] * len(new), mask)
+            states = self._run(states[parent_rows], [tokens[i] for i in new], [self.root_pos + depth - 1] * len(new),
+                               torch.from_numpy(mask))
             self.cache.append(len(new))
             for r, i in enumerate(new):
                 column[i] = start + r
