@@ -4,7 +4,8 @@ machine's drift hits all four alike): tau and decode tokens/s each, overall and 
 
     python scripts/auto_with_head.py --draft-head head.safetensors --limit 3
 
-The head comes from `fastdecode train-head`. Outputs are checked against `ar`'s (greedy).
+The head comes from `fastdecode train-head`. Outputs are checked against `ar`'s (greedy, or
+sampled with one seed: every method emits `ar`'s tokens then).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=3, help="prompts per category")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (same seed for every method)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=DEFAULT_SPEC_BENCH)
     p.add_argument("--humaneval", default=DEFAULT_HUMANEVAL)
     args = p.parse_args()
@@ -34,7 +38,8 @@ def main() -> None:
     drafters = {m: llm.new_drafter(m) for m in ("ar", "auto", "head")}
     drafters["auto+head"] = AutoDrafter({n: METHODS[n](env) for n in (*AUTO_MEMBERS, "head")}, env.cost)
     llm.drafter = drafters.__getitem__  # the four drafters above, by name
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
     ids = [llm.apply_chat_template([{"role": "user", "content": q.turns[0]}]) for q in prompts]
     llm.generate(ids[:1], params, method="ar")  # warm-up: kernels, cost curve
     names = list(drafters)
