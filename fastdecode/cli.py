@@ -71,7 +71,7 @@ def _add_train_head_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus-minutes", type=float, default=25.0, help="time to spend writing the corpus")
     p.add_argument("--batch", type=int, default=64, help="sequences decoded together while writing the corpus")
     p.add_argument("--answer-tokens", type=int, default=256, help="longest answer in the corpus")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--vocab", type=int, default=4096, help="the head's vocabulary: the corpus's most frequent tokens")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument("--seed", type=int, default=0)

@@ -222,7 +222,7 @@ def _batch(corpus: Corpus, feats: list[torch.Tensor], idx: list[int], embed: tor
     return f, e, ft, y, w
 
 
-def train(llm, corpus: Corpus, feats: list[torch.Tensor], epochs: int = 4, vocab: int = 4096, batch: int = 8,
+def train(llm, corpus: Corpus, feats: list[torch.Tensor], epochs: int = 6, vocab: int = 4096, batch: int = 8,
           lr: float = 2e-3, noise: float = 0.05, seed: int = 0, log: Callable[[str], None] = print,
           ) -> tuple[TrainHead, torch.Tensor]:
     """Fit a head to the corpus; returns it and its vocabulary subset."""

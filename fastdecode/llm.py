@@ -1,6 +1,7 @@
 """LLM: the public entry point, shaped like vLLM's (`generate`, `chat`) plus `stream`."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -66,6 +67,8 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids, bool(prefix_cache) and self.model.exact_rows)
         self.draft_model_path = draft_model
         self._draft_model: Transformer | None = None
+        if draft_head is not None and not os.path.isfile(draft_head):  # refused now, not at first use
+            raise ValueError(f"draft head {draft_head} not found (train one with `fastdecode train-head`)")
         self.draft_head_path = draft_head
         self._draft_head: DraftHead | None = None
         self._drafters: dict[str, Drafter] = {}

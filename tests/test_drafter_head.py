@@ -55,10 +55,12 @@ def test_a_head_file_for_another_model_is_refused(tiny_llm, tmp_path) -> None:
         load_head(tmp_path / "missing.safetensors", tiny_llm.model, torch.float32)
 
 
-def test_method_head_without_a_head_names_the_option(tiny_llama_dir) -> None:
+def test_method_head_without_a_head_names_the_option(tiny_llama_dir, tmp_path) -> None:
     llm = LLM(str(tiny_llama_dir), dtype="float32")
     with pytest.raises(ValueError, match="draft_head=PATH"):
         llm.generate("hello", SamplingParams(max_tokens=4, temperature=0), method="head")
+    with pytest.raises(ValueError, match="not found"):  # at construction, whatever the method used later
+        LLM(str(tiny_llama_dir), dtype="float32", draft_head=str(tmp_path / "missing.safetensors"))
 
 
 def test_magpie_turn_ids_frame_a_user_message(tiny_llm) -> None:
