@@ -21,13 +21,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.model import Segment
+from fastdecode.sampling import Sampler, SamplingParams
 
 MARK = "\u2063fastdecode\u2063"  # a user message no tokenizer merges with the template around it
 
@@ -79,9 +80,8 @@ def turn_ids(llm) -> tuple[list[int], list[int]]:
 
 
 @torch.inference_mode()
-def _decode(model, prompts: list[list[int]], max_new: int, temperature: float, stop: set[int],
-            gen: torch.Generator) -> list[list[int]]:
-    """Continue every prompt at once (greedy when temperature is 0, else top-p 0.95 sampling)."""
+def _decode(model, prompts: list[list[int]], max_new: int, samplers: list[Sampler], stop: set[int]) -> list[list[int]]:
+    """Continue every prompt at once, each with its own sampler."""
     caches = [model.new_cache() for _ in prompts]
     logits = []
     for cache, p in zip(caches, prompts):
@@ -91,7 +91,9 @@ def _decode(model, prompts: list[list[int]], max_new: int, temperature: float, s
     live = list(range(len(prompts)))
     while live:
         for i, lg in zip(live, logits):
-            outs[i].append(_pick(lg, temperature, gen))
+            token = samplers[i].sample(lg)
+            samplers[i].accept(token)
+            outs[i].append(token)
         live = [i for i in live if outs[i][-1] not in stop and len(outs[i]) < max_new
                 and caches[i].length + 1 < caches[i].max_len]
         segs = [Segment(torch.tensor(outs[i][-1:]), torch.tensor([caches[i].length]), caches[i]) for i in live]
@@ -101,14 +103,6 @@ def _decode(model, prompts: list[list[int]], max_new: int, temperature: float, s
     return outs
 
 
-def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    probs, ids = torch.softmax(logits / temperature, -1).sort(descending=True)
-    keep = (probs.cumsum(0) - probs) < 0.95
-    return int(ids[keep][torch.multinomial(probs[keep], 1, generator=gen)])
-
-
 def make_corpus(llm, seconds: float, batch: int = 64, answer_tokens: int = 256, seed: int = 0,
                 log: Callable[[str], None] = print) -> Corpus:
     """Sample user messages and the model's greedy answers: batches of `batch` until `seconds`
@@ -116,15 +110,21 @@ def make_corpus(llm, seconds: float, batch: int = 64, answer_tokens: int = 256, 
     before, after = turn_ids(llm)
     end_turn = after[0]
     stop = set(llm.eos_ids)
-    gen = torch.Generator().manual_seed(seed)
+    vocab = llm.config.vocab_size
+    user_params = SamplingParams(temperature=1.0, top_p=0.95)
+    drawn = 0
     corpus = Corpus([], [])
     t0, tokens = time.time(), 0
     while not corpus.seqs or time.time() - t0 < seconds:
-        users = _decode(llm.model, [before] * batch, 96, 1.0, {end_turn} | stop, gen)
+        first = seed * 1_000_000 + drawn  # every user message its own seed
+        samplers = [Sampler(replace(user_params, seed=first + i), before, vocab) for i in range(batch)]
+        drawn += batch
+        users = _decode(llm.model, [before] * batch, 96, samplers, {end_turn} | stop)
         users = [u[:-1] if u[-1] in stop | {end_turn} else u for u in users]
         users = [u for u in users if len(u) >= 4]
         prompts = [before + u + after for u in users]
-        for p, a in zip(prompts, _decode(llm.model, prompts, answer_tokens, 0.0, stop, gen)):
+        greedy = [Sampler(SamplingParams(temperature=0.0), p, vocab) for p in prompts]
+        for p, a in zip(prompts, _decode(llm.model, prompts, answer_tokens, greedy, stop)):
             corpus.seqs.append(p + a)
             corpus.starts.append(len(p))
             tokens += len(a)

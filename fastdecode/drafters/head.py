@@ -23,6 +23,7 @@ Hugging Face-style names, the vocabulary subset as `vocab`, and the target's sha
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from torch import nn
 from fastdecode.config import ModelConfig
 from fastdecode.drafters.base import DraftRequest, DrafterEnv, StepResult
 from fastdecode.kv_cache import KVCache
-from fastdecode.model import Block, Linear, RMSNorm, Transformer, _interleave_rope_rows
+from fastdecode.model import Block, Linear, RMSNorm, Transformer, fuse_hf_state
 from fastdecode.kernels import attention_op
 from fastdecode.tree import DraftTree
 
@@ -93,22 +94,17 @@ def load_head(path: str | Path, target: Transformer, dtype: torch.dtype) -> Draf
     got = {k: int(meta.get(k, -1)) for k in want}
     if got != want:
         raise ValueError(f"draft head {path} was trained for a model of shape {got}; this model is {want}")
+    # the head's layer has no biases whatever the target's have; fuse it as the target's own are
+    cfg = replace(cfg, num_layers=1, attention_bias=False, tie_word_embeddings=True)
     head = DraftHead(cfg, state["vocab"])
-    a, m = "layer.self_attn.", "layer.mlp."
-    weights = {
-        "fc.weight": state["fc.weight"],
-        "block.qkv.weight": torch.cat([_interleave_rope_rows(state[a + "q_proj.weight"], cfg.num_heads),
-                                       _interleave_rope_rows(state[a + "k_proj.weight"], cfg.num_kv_heads),
-                                       state[a + "v_proj.weight"]]),
-        "block.o.weight": state[a + "o_proj.weight"],
-        "block.gate_up.weight": torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]]),
-        "block.down.weight": state[m + "down_proj.weight"],
-        "lm.weight": target.embed.weight.detach()[head.vocab],
-    }
-    weights = {k: v.to(dtype) for k, v in weights.items()}
-    weights["block.attn_norm.weight"] = state["layer.input_layernorm.weight"].float()
-    weights["block.mlp_norm.weight"] = state["layer.post_attention_layernorm.weight"].float()
-    weights["norm.weight"] = state["norm.weight"].float()
+    hf = {"model.layers.0." + k[len("layer."):]: v for k, v in state.items() if k.startswith("layer.")}
+    hf.update({"model.embed_tokens.weight": target.embed.weight.detach(), "model.norm.weight": state["norm.weight"]})
+    fused = fuse_hf_state(hf, cfg)
+    weights = {"block." + k[len("blocks.0."):]: v for k, v in fused.items() if k.startswith("blocks.0.")}
+    weights.update({"fc.weight": state["fc.weight"], "norm.weight": state["norm.weight"],
+                    "lm.weight": target.embed.weight.detach()[head.vocab]})
+    # matrices in `dtype`, norms fp32, as Transformer.load_hf_state stores them
+    weights = {k: v.to(dtype if v.dim() == 2 else torch.float32) for k, v in weights.items()}
     head.load_state_dict(weights, strict=True, assign=True)
     return head.eval()
 
@@ -178,7 +174,8 @@ class HeadDrafter:
         column: dict[int, int] = {}  # a run node -> its column in the head's cache
         frontier, states = [-1], root_state  # nodes whose guessed states are `states`' rows; -1 = root
         committed = self.cache.length
-        for depth in range(1, min(self.depth, budget) + 1):
+        last = min(self.depth, budget)
+        for depth in range(1, last + 1):
             probs = torch.softmax(self.head.logits(states), -1)
             top_p, top_i = probs.topk(min(TOP_K, probs.shape[-1]), -1)
             ids = self.head.vocab[top_i].tolist()
@@ -189,7 +186,7 @@ class HeadDrafter:
                     parents.append(node)
                     scores.append(base * p)
                     depths.append(depth)
-            if depth == min(self.depth, budget):
+            if depth == last:
                 break
             new = sorted((i for i in range(len(tokens)) if depths[i] == depth), key=lambda i: -scores[i])[:FRONTIER]
             new = [i for i in new if scores[i] >= MIN_SCORE]
