@@ -164,7 +164,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     llm = _llm(args)
     if args.corpus and Path(args.corpus).is_file():
-        corpus = load_corpus(args.corpus)
+        corpus = load_corpus(args.corpus, llm.config.vocab_size)
         log(f"corpus: {len(corpus.seqs)} answers read from {args.corpus}")
     else:
         corpus = make_corpus(llm, args.corpus_minutes * 60, args.batch, args.answer_tokens, args.seed, log)

@@ -50,7 +50,8 @@ def save_corpus(corpus: Corpus, path: str) -> None:
             f.write(json.dumps({"ids": ids, "start": start}) + "\n")
 
 
-def load_corpus(path: str) -> Corpus:
+def load_corpus(path: str, vocab_size: int) -> Corpus:
+    """A corpus `save_corpus` wrote (or any file of the same rows), checked against the vocabulary."""
     corpus = Corpus([], [])
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -59,6 +60,11 @@ def load_corpus(path: str) -> Corpus:
                 ids, start = [int(t) for t in row["ids"]], int(row["start"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path} line {n}: want {{\"ids\": [token ids], \"start\": answer start}} ({exc})") from exc
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{path} line {n}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            if not 0 < start < len(ids):
+                raise ValueError(f"{path} line {n}: start={start} must be in [1, {len(ids) - 1}] (the answer's first index)")
             corpus.seqs.append(ids)
             corpus.starts.append(start)
     if not corpus.seqs:

@@ -71,5 +71,11 @@ def test_train_head_bad_arguments_exit_2_with_a_message(tiny_llama_dir: Path, tm
     bad.write_text('{"ids": [1, 2]}\n')
     run = _cli("train-head", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "h.safetensors"), "--corpus", str(bad))
     assert run.returncode == 2 and "line 1" in run.stderr and "Traceback" not in run.stderr
+    for row, want in (('{"ids": [1, 2, 99999], "start": 1}', "token id 99999 is outside the vocabulary [0, 320)"),
+                      ('{"ids": [1, 2, 3], "start": 3}', "start=3 must be in [1, 2]")):
+        bad.write_text(row + "\n")
+        run = _cli("train-head", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "h.safetensors"), "--corpus",
+                   str(bad))
+        assert run.returncode == 2 and want in run.stderr and "Traceback" not in run.stderr
     run = _cli("generate", "x", "--model", str(tiny_llama_dir), "--method", "head")
     assert run.returncode == 2 and "draft_head=PATH" in run.stderr
