@@ -18,7 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None,
                    help="a separate draft model for method 'draft' (same tokenizer; default: an early exit of --model)")
     p.add_argument("--draft-head", default=None,
-                   help="a trained draft head for method 'head' (a .safetensors file from `fastdecode train-head`)")
+                   help="a trained draft head (a .safetensors file from `fastdecode train-head`): method 'head' "
+                        "drafts with it, and 'auto' adds it to its members")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt whole (default: reuse the cached K/V of a prefix shared with an "
                         "earlier prompt, where that is bit-exact: bfloat16, int8, int4)")

@@ -1,6 +1,7 @@
-"""Does a trained draft head pay inside `auto`? `ar`, `auto`, `head`, and `auto` with `head` as a
-fourth member, on the same Spec-Bench prompts in one process, interleaved per prompt (so the
-machine's drift hits all four alike): tau and decode tokens/s each, overall and per category.
+"""Does a trained draft head pay inside `auto`? On the same Spec-Bench prompts in one process,
+interleaved per prompt (so the machine's drift hits all alike): `ar`, `head` alone, `auto` without
+a head (its members suffix, aded and recycling) and `auto` given the head (a fourth member, as
+`LLM(draft_head=...)` builds it). Tau and decode tokens/s each, overall and per category.
 
     python scripts/auto_with_head.py --draft-head head.safetensors --limit 3
 
@@ -35,9 +36,11 @@ def main() -> None:
         print(note)
     llm = LLM(threads=args.threads, draft_head=args.draft_head, prefix_cache=False)
     env = DrafterEnv(llm.config, llm.forward_cost, llm.model, llm.load_draft_model, llm.load_draft_head)
-    drafters = {m: llm.new_drafter(m) for m in ("ar", "auto", "head")}
-    drafters["auto+head"] = AutoDrafter({n: METHODS[n](env) for n in (*AUTO_MEMBERS, "head")}, env.cost)
-    llm.drafter = drafters.__getitem__  # the four drafters above, by name
+    drafters = {m: llm.new_drafter(m) for m in ("ar", "head")}
+    drafters["auto (no head)"] = AutoDrafter({n: METHODS[n](env) for n in AUTO_MEMBERS}, env.cost)
+    drafters["auto"] = llm.new_drafter("auto")
+    assert "head" in drafters["auto"].members
+    llm.drafter = drafters.__getitem__  # the drafters above, by name
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     ids = [llm.apply_chat_template([{"role": "user", "content": q.turns[0]}]) for q in prompts]
@@ -57,11 +60,12 @@ def main() -> None:
     ar_speed = totals["ar"][0] / totals["ar"][2]
     for m in names:
         tokens, steps, decode = totals[m]
-        print(f"{m:10s} tau {tokens / steps:.2f}  decode {tokens / decode:6.1f} tok/s  "
+        print(f"{m:14s} tau {tokens / steps:.2f}  decode {tokens / decode:6.1f} tok/s  "
               f"{tokens / decode / ar_speed:.2f}x ar  exact {exact[m]}/{len(ids)}")
-    print("decode tok/s per category: " + "  ".join(names))
+    print("decode tok/s per category: " + " | ".join(names))
     for cat, rows in per_cat.items():
         print(f"  {cat:16s}" + "".join(f"{rows[m][0] / rows[m][2]:9.1f}" for m in names))
+
 
 if __name__ == "__main__":
     main()

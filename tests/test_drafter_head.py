@@ -85,6 +85,22 @@ def test_trained_head_beats_chance_and_its_drafts_get_accepted(tiny_llm, tiny_he
     assert sum(o.metrics.steps for o in out) < sum(o.metrics.steps for o in ar)
 
 
+def test_auto_takes_the_draft_head_as_a_member_and_accepts_its_nodes(tiny_llama_dir, tiny_llm, monkeypatch) -> None:
+    """An LLM given a draft head drafts with it inside `auto` too (and only then), with AR's output."""
+    assert "head" not in LLM(str(tiny_llama_dir), dtype="float32").new_drafter("auto").members
+    auto = tiny_llm.new_drafter("auto")
+    assert list(auto.members) == ["suffix", "aded", "recycling", "head"]
+    fresh = make_corpus(tiny_llm, seconds=0, batch=8, answer_tokens=32, seed=7, log=lambda _: None)
+    prompts = [seq[:start] for seq, start in zip(fresh.seqs, fresh.starts)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in tiny_llm.generate(prompts, params, method="ar")]
+    monkeypatch.setattr(tiny_llm, "drafter", lambda method: auto)  # this one, to read its statistics after
+    got = [o.token_ids for o in tiny_llm.generate(prompts, params, method="auto")]
+    assert got == want
+    head_hits = sum(hits for (member, _, _), (hits, _) in auto.stats.items() if member == "head")
+    assert head_hits > 0
+
+
 def test_the_head_restarts_its_context_after_a_step_without_hidden_states(tiny_llm) -> None:
     """A batched forward keeps no hidden states: the drafter then proposes nothing for a step and
     picks the context up again after the next plain one, never misaligned."""

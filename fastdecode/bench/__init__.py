@@ -62,7 +62,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every runner (default: torch's)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (our KV cache, llama.cpp)")
     parser.add_argument("--draft-model", default=None, help="a separate draft model for method 'draft'")
-    parser.add_argument("--draft-head", default=None, help="a trained draft head for method 'head' (fastdecode train-head)")
+    parser.add_argument("--draft-head", default=None,
+                        help="a trained draft head (fastdecode train-head): method 'head' runs, and 'auto' has it as a member")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0 samples (our methods only: use --peers none); every method gets the same seed")
     parser.add_argument("--top-p", type=float, default=1.0)

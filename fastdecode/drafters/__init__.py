@@ -24,7 +24,7 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "layerskip": layer_skip,
     "draft": draft_model,
     "head": head_drafter,
-    "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in AUTO_MEMBERS}, env.cost),
+    "auto": lambda env: AutoDrafter({name: METHODS[name](env) for name in auto_members(env)}, env.cost),
 }
 # Members of `auto`: drafters that accept any tree in update(). Lookahead is left out: its
 # Jacobi window only advances when its own window rows are verified. Recycling was left out while
@@ -37,6 +37,11 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
 # 280.3 decode tok/s over 28 Spec-Bench prompts, tau 2.61 vs 2.63 and 277.0 vs 273.5 over 42; the
 # time of its proposals (~0.07 ms a step) is saved.
 AUTO_MEMBERS = ("suffix", "aded", "recycling")
+
+
+def auto_members(env: DrafterEnv) -> tuple[str, ...]:
+    """AUTO_MEMBERS, and `head` when the LLM was given a trained draft head (`draft_head=`)."""
+    return AUTO_MEMBERS + (("head",) if env.draft_head() is not None else ())
 
 
 def check_method(name: str) -> str:
