@@ -11,11 +11,11 @@ sampled with one seed: every method emits `ar`'s tokens then).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
-from fastdecode.drafters import AUTO_MEMBERS, METHODS
-from fastdecode.drafters.auto import AutoDrafter
+from fastdecode.drafters import METHODS
 from fastdecode.drafters.base import DrafterEnv
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     llm = LLM(threads=args.threads, draft_head=args.draft_head, prefix_cache=False)
     env = DrafterEnv(llm.config, llm.forward_cost, llm.model, llm.load_draft_model, llm.load_draft_head)
     drafters = {m: llm.new_drafter(m) for m in ("ar", "head")}
-    drafters["auto (no head)"] = AutoDrafter({n: METHODS[n](env) for n in AUTO_MEMBERS}, env.cost)
+    drafters["auto (no head)"] = METHODS["auto"](replace(env, draft_head=lambda: None))  # as without draft_head=
     drafters["auto"] = llm.new_drafter("auto")
     assert "head" in drafters["auto"].members
     llm.drafter = drafters.__getitem__  # the drafters above, by name
