@@ -113,20 +113,32 @@ def race_pick(probs: np.ndarray, seed: int, index: int) -> int:
     return token
 
 
-NUCLEUS_PROBE = 512  # top_p looks among this many best tokens first (a full sort of 49152 takes ~4 ms)
+NUCLEUS_CUT = 1e-4  # top_p first looks among the tokens of at least this times the best one's probability
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the nucleus: drop a token when the mass strictly before it (best first) already reaches
-    top_p; the top token always stays (also when top_p is below fp32's smallest number)."""
-    k = min(NUCLEUS_PROBE, probs.shape[-1])
-    best, order = torch.topk(probs, k)  # sorted, best first
-    drop = (best.cumsum(-1) - best) >= top_p
-    if not drop[-1] and k < probs.shape[-1]:  # the nucleus reaches past the probe: sort everything
-        best, order = torch.sort(probs, descending=True)
-        drop = (best.cumsum(-1) - best) >= top_p
-    drop[0] = False
-    return torch.zeros_like(probs).scatter_(-1, order, best.masked_fill(drop, 0.0))
+    """Keep the nucleus: best first (equal probabilities: lower id first), drop a token when the
+    mass strictly before it already reaches top_p; the top token always stays (also when top_p is
+    below fp32's smallest number). Only the candidates are sorted: the tokens within NUCLEUS_CUT of
+    the best, or every token of nonzero probability when those do not reach top_p. In decoding
+    (SmolLM2-135M, T 0.7, top-p 0.9) this costs 0.135 ms a row, where a torch.topk probe of the
+    best 512 tokens cost 0.27 (0.02 and 0.1 when called in a loop, with warm caches)."""
+    p = probs.numpy()
+    cut = p.max() * NUCLEUS_CUT
+    for floor in (cut, 0.0):
+        ids = np.flatnonzero(p >= floor) if floor else np.flatnonzero(p)
+        cand = p[ids]
+        order = np.argsort(-cand, kind="stable")  # best first; ids ascend, so ties keep the lower id first
+        best = cand[order]
+        mass = np.cumsum(best)  # in order, as a full sort's would begin
+        keep = (mass - best) < top_p
+        if mass[-1] >= top_p or floor == 0.0:  # every other token has this much mass before it: dropped
+            break
+    keep[0] = True
+    kept = ids[order[keep]]
+    out = np.zeros_like(p)
+    out[kept] = p[kept]
+    return torch.from_numpy(out)
 
 
 class Sampler:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from fastdecode import SamplingParams
@@ -146,20 +147,32 @@ def test_the_draw_at_a_position_is_a_function_of_seed_and_position() -> None:
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999999])
-def test_top_p_through_the_probe_equals_a_full_sort(top_p: float) -> None:
-    """The nucleus found among the best NUCLEUS_PROBE tokens (or, past them, by a full sort) is the
-    one a full sort gives: flat logits put the nucleus beyond the probe, peaked ones inside it."""
+def test_top_p_through_the_candidates_equals_a_full_sort(top_p: float) -> None:
+    """The nucleus found among the tokens within NUCLEUS_CUT of the best (or, when they hold less
+    than top_p, among all) is the one a full sort gives: flat logits need every token, peaked
+    ones a few, and a near-one-hot row a single candidate."""
     gen = torch.Generator().manual_seed(3)
-    for scale in (0.1, 3.0, 12.0):
+    for scale in (0.1, 3.0, 12.0, 40.0):
         logits = torch.randn(5000, generator=gen) * scale
         probs = torch.softmax(logits, -1)
-        sorted_p, order = torch.sort(probs, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        p = probs.numpy()
+        order = np.lexsort((np.arange(len(p)), -p))  # every token, best first, lower id on ties
+        # the mass before each token in fp32, summed in that order (torch.cumsum's rounding differs)
+        drop = np.cumsum(p[order]) - p[order] >= top_p
         drop[0] = False
-        want = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        want = torch.from_numpy(np.where(np.isin(np.arange(len(p)), order[~drop]), p, 0.0).astype(np.float32))
         got = Sampler(SamplingParams(temperature=1.0, top_p=top_p), [], 5000).probs(logits)
         assert torch.equal(got > 0, want > 0)
         assert torch.allclose(got, want / want.sum())
+
+
+def test_top_p_keeps_the_lower_id_of_equal_probabilities() -> None:
+    """Ties at the edge of the nucleus go to the lower token id, so AR and every verifier keep the
+    same tokens: four equal tokens, top_p 0.5 keeps the first two by id."""
+    logits = torch.full((10,), -30.0)
+    logits[[7, 2, 9, 4]] = 5.0
+    probs = Sampler(SamplingParams(temperature=1.0, top_p=0.5), [], 10).probs(logits)
+    assert torch.nonzero(probs).flatten().tolist() == [2, 4]
 
 
 def test_native_draw_equals_the_numpy_one(monkeypatch: pytest.MonkeyPatch) -> None:
