@@ -1,4 +1,4 @@
-"""Command line: `fastdecode generate | chat | info | serve | bench | train-head`."""
+"""Command line: `fastdecode generate | chat | info | serve | bench | train-head | write-corpus`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-head", default=None,
                    help="a trained draft head (a .safetensors file from `fastdecode train-head`): method 'head' "
                         "drafts with it, and 'auto' adds it to its members")
+    p.add_argument("--datastore", default=None,
+                   help="a corpus for 'suffix' (and 'auto') to draft from: a .jsonl file of {\"text\": ...} or "
+                        "{\"ids\": [...]} rows (a `train-head --corpus` file works), or a text file")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt whole (default: reuse the cached K/V of a prefix shared with an "
                         "earlier prompt, where that is bit-exact: bfloat16, int8, int4)")
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     _add_serve_parser(sub)
     _add_train_head_parser(sub)
+    _add_write_corpus_parser(sub)
     try:
         from fastdecode.bench import add_bench_parser
     except ImportError:
@@ -76,6 +80,17 @@ def _add_train_head_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=4096, help="the head's vocabulary: the corpus's most frequent tokens")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_write_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("write-corpus", help="the model writes user messages and its greedy answers (a .jsonl "
+                                             "corpus for --datastore or train-head --corpus)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="where to write the corpus (.jsonl)")
+    p.add_argument("--minutes", type=float, default=10.0, help="time to spend writing (at least one batch)")
+    p.add_argument("--batch", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--answer-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--seed", type=int, default=0, help="seeds the user messages")
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +121,8 @@ def _llm(args: argparse.Namespace):
     from fastdecode import LLM
 
     return LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               draft_model=args.draft_model, prefix_cache=args.prefix_cache, draft_head=args.draft_head)
+               draft_model=args.draft_model, prefix_cache=args.prefix_cache, draft_head=args.draft_head,
+               datastore=args.datastore)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -182,6 +198,27 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_write_corpus(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastdecode.headtrain import make_corpus, save_corpus
+
+    if not args.minutes >= 0:
+        raise ValueError(f"--minutes={args.minutes} must be >= 0")
+    for name in ("batch", "answer_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    corpus = make_corpus(_llm(args), args.minutes * 60, args.batch, args.answer_tokens, args.seed, log)
+    save_corpus(corpus, str(out))
+    tokens = sum(len(ids) - start for ids, start in zip(corpus.seqs, corpus.starts))
+    print(json.dumps({"out": str(out), "answers": len(corpus.seqs), "answer_tokens": tokens}))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     for key, value in _llm(args).info().items():
         print(f"{key}: {value}")
@@ -190,7 +227,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train-head": cmd_train_head}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train-head": cmd_train_head,
+                "write-corpus": cmd_write_corpus}
     if args.command == "serve":
         from fastdecode.server import serve
 
@@ -200,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     try:
-        if args.command not in ("info", "train-head") and args.method not in METHODS:
+        if args.command not in ("info", "train-head", "write-corpus") and args.method not in METHODS:
             raise ValueError(f"unknown method {args.method!r}; known methods: {', '.join(METHODS)}")
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

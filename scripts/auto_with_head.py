@@ -1,12 +1,14 @@
-"""Does a trained draft head pay inside `auto`? On the same Spec-Bench prompts in one process,
-interleaved per prompt (so the machine's drift hits all alike): `ar`, `head` alone, `auto` without
-a head (its members suffix, aded and recycling) and `auto` given the head (a fourth member, as
-`LLM(draft_head=...)` builds it). Tau and decode tokens/s each, overall and per category.
+"""Does a trained draft head, or a datastore, pay inside `auto`? On the same Spec-Bench prompts in
+one process, interleaved per prompt (so the machine's drift hits all alike): `ar`, `head` alone
+(with a head), `auto` bare (its members suffix, aded and recycling, no datastore) and `auto` as
+`LLM(draft_head=..., datastore=...)` builds it. Tau and decode tokens/s each, overall and per
+category.
 
     python scripts/auto_with_head.py --draft-head head.safetensors --limit 3
+    python scripts/auto_with_head.py --datastore corpus.jsonl --limit 3
 
-The head comes from `fastdecode train-head`. Outputs are checked against `ar`'s (greedy, or
-sampled with one seed: every method emits `ar`'s tokens then).
+The head comes from `fastdecode train-head`, a corpus from `fastdecode write-corpus`. Outputs are
+checked against `ar`'s (greedy, or sampled with one seed: every method emits `ar`'s tokens then).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from fastdecode.drafters.base import DrafterEnv
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--draft-head", required=True)
+    p.add_argument("--draft-head", default=None)
+    p.add_argument("--datastore", default=None)
     p.add_argument("--limit", type=int, default=3, help="prompts per category")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
@@ -34,12 +37,15 @@ def main() -> None:
     prompts, notes = load_prompts(args.data, args.humaneval, limit=args.limit)
     for note in notes:
         print(note)
-    llm = LLM(threads=args.threads, draft_head=args.draft_head, prefix_cache=False)
-    env = DrafterEnv(llm.config, llm.forward_cost, llm.model, llm.load_draft_model, llm.load_draft_head)
-    drafters = {m: llm.new_drafter(m) for m in ("ar", "head")}
-    drafters["auto (no head)"] = METHODS["auto"](replace(env, draft_head=lambda: None))  # as without draft_head=
+    if args.draft_head is None and args.datastore is None:
+        p.error("give --draft-head, --datastore or both")
+    llm = LLM(threads=args.threads, draft_head=args.draft_head, datastore=args.datastore, prefix_cache=False)
+    env = DrafterEnv(llm.config, llm.forward_cost, llm.model, llm.load_draft_model, llm.load_draft_head,
+                     lambda: llm.datastore)
+    drafters = {m: llm.new_drafter(m) for m in ("ar", "head")[: 2 if args.draft_head else 1]}
+    # as an LLM given neither
+    drafters["auto (bare)"] = METHODS["auto"](replace(env, draft_head=lambda: None, datastore=lambda: None))
     drafters["auto"] = llm.new_drafter("auto")
-    assert "head" in drafters["auto"].members
     llm.drafter = drafters.__getitem__  # the drafters above, by name
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)

@@ -40,6 +40,8 @@ def test_bad_arguments_exit_2_with_a_message(tiny_llama_dir: Path) -> None:
     assert run.returncode == 2 and "unknown method 'nope'" in run.stderr and "Traceback" not in run.stderr
     run = _cli("generate", "x", "--model", str(tiny_llama_dir / "missing.gguf"))
     assert run.returncode == 2 and "does not exist" in run.stderr
+    run = _cli("generate", "x", "--model", str(tiny_llama_dir), "--datastore", str(tiny_llama_dir / "none.jsonl"))
+    assert run.returncode == 2 and "none.jsonl not found" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_train_head_writes_a_head_that_method_head_uses(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -60,6 +62,29 @@ def test_train_head_writes_a_head_that_method_head_uses(tiny_llama_dir: Path, tm
                 "--json", "--method", m, "--draft-head", str(out)) for m in ("ar", "head")]
     assert all(g.returncode == 0 for g in gen), gen[1].stderr
     assert json.loads(gen[0].stdout)["token_ids"] == json.loads(gen[1].stdout)["token_ids"]
+    # the same corpus as a datastore for `suffix` / `auto`
+    store = _cli("generate", "Hello", "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-tokens", "16",
+                 "--json", "--method", "auto", "--datastore", str(corpus))
+    assert store.returncode == 0, store.stderr
+    assert json.loads(store.stdout)["token_ids"] == json.loads(gen[0].stdout)["token_ids"]
+
+
+def test_write_corpus_writes_a_datastore_that_auto_drafts_from(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`write-corpus` writes the model's own answers; as a --datastore, `auto` keeps `ar`'s tokens."""
+    corpus = tmp_path / "corpus.jsonl"
+    run = _cli("write-corpus", "--model", str(tiny_llama_dir), "--dtype", "float32", "--out", str(corpus),
+               "--minutes", "0", "--batch", "8", "--answer-tokens", "16")
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert record["answers"] == len(rows) > 0
+    assert record["answer_tokens"] == sum(len(r["ids"]) - r["start"] for r in rows) > 0
+    gen = [_cli("generate", "Hello", "--model", str(tiny_llama_dir), "--dtype", "float32", "--max-tokens", "16",
+                "--json", "--method", m, "--datastore", str(corpus)) for m in ("ar", "auto")]
+    assert all(g.returncode == 0 for g in gen), gen[1].stderr
+    assert json.loads(gen[0].stdout)["token_ids"] == json.loads(gen[1].stdout)["token_ids"]
+    run = _cli("write-corpus", "--model", str(tiny_llama_dir), "--out", str(corpus), "--batch", "0")
+    assert run.returncode == 2 and "--batch=0 must be >= 1" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_train_head_bad_arguments_exit_2_with_a_message(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -3,13 +3,15 @@ drafts follow the most frequent continuations within the budget, the global trie
 earlier outputs within its cap, and the engine stays exactly AR with it."""
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections import Counter
 
 import pytest
 
 from fastdecode import SamplingParams
-from fastdecode.drafters.suffix import SuffixDrafter, SuffixTrie
+from fastdecode.drafters.suffix import SuffixDrafter, SuffixTrie, load_datastore
 from fastdecode.tree import DraftTree
 
 
@@ -102,3 +104,81 @@ def test_greedy_generation_equals_ar_and_memory_raises_tau(tiny_llm) -> None:
     assert again.token_ids == first.token_ids == tiny_llm.generate(prompt, params, method="ar")[0].token_ids
     assert again.metrics.accepted_per_step > first.metrics.accepted_per_step
     assert again.metrics.accepted_per_step > 2.0
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_datastore_drafts_what_only_the_corpus_holds(tmp_path) -> None:
+    """A .jsonl corpus of token ids: a request that starts a corpus phrase gets the rest of it
+    drafted from its first step; with "start", only the answer and the PROMPT_TAIL tokens before
+    it are kept (a train-head corpus keeps the whole chat template before the answer)."""
+    rows = [{"ids": [90, 91, 92, 93, 94, 95]},
+            {"ids": [70] * 20 + [30, 31, 32, 33], "start": 20}]  # 70 x 12, then the tail (8) + answer
+    corpus = _write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    trie = load_datastore(corpus, lambda text: [], 100)
+    drafter = SuffixDrafter(min_score=0.0, datastore=trie)
+    drafter.begin([5, 6])
+    assert drafter.propose([5, 6, 91, 92], 8).tokens == [93, 94, 95]
+    assert drafter.propose([5, 6, 70, 30], 8).tokens == [31, 32, 33]
+    assert trie.seq.count(70) == 8  # the 8 before the answer, not the 12 before them
+    assert len(SuffixDrafter(min_score=0.0).propose([5, 6, 91, 92], 8)) == 0  # without it: nothing
+
+
+def test_datastore_text_documents_end_at_blank_lines(tmp_path) -> None:
+    """Text rows and plain text files are encoded; a blank line ends a document, so no draft runs
+    from one block into the next."""
+    encode = lambda text: [ord(c) % 128 for c in text]  # noqa: E731
+    plain = load_datastore(_write(tmp_path / "c.txt", "abcdef\nxyz\n\nghij\n"), encode, 128)
+    drafter = SuffixDrafter(min_score=0.0, datastore=plain)
+    drafter.begin([1])
+    assert drafter.propose([1] + encode("bcd"), 16).tokens == encode("ef\nxyz")  # ends with its block
+    assert drafter.propose([1] + encode("hi"), 16).tokens == encode("j")
+    rows = load_datastore(_write(tmp_path / "t.jsonl", json.dumps({"text": "klmnop"}) + "\n"), encode, 128)
+    drafter = SuffixDrafter(min_score=0.0, datastore=rows)
+    drafter.begin([1])
+    assert drafter.propose([1] + encode("lm"), 16).tokens == encode("nop")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ('{"ids": [1, 2]}\nnot json\n', "line 2"),
+    ('{"ids": [1, 500]}\n', "token id 500 is outside the vocabulary [0, 100)"),
+    ('{"tokens": [1]}\n', 'line 1: want {"text"'),
+    ("\n\n", "holds no documents"),
+])
+def test_bad_datastores_are_refused_by_name(tmp_path, content, message) -> None:
+    path = tmp_path / "c.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_datastore(path, lambda text: [], 100)
+    assert str(path) in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir_datastore(tiny_llama_dir, tiny_llm, tmp_path_factory):
+    """(an LLM given a datastore, a prompt, `ar`'s greedy answer to it): the datastore holds that
+    answer as a train-head corpus row would."""
+    from fastdecode import LLM
+
+    prompt_ids = list(range(3, 15))
+    answer = tiny_llm.generate([prompt_ids], SamplingParams(max_tokens=24, temperature=0), method="ar")[0].token_ids
+    path = tmp_path_factory.mktemp("datastore") / "corpus.jsonl"
+    path.write_text(json.dumps({"ids": prompt_ids + answer, "start": len(prompt_ids)}) + "\n")
+    return LLM(str(tiny_llama_dir), dtype="float32", datastore=str(path)), prompt_ids, answer
+
+
+def test_llm_datastore_is_shared_and_lossless(tiny_llm_dir_datastore) -> None:
+    """LLM(datastore=...) builds the trie once; every `suffix` drafter and `auto`'s suffix member
+    draft from it, and the output stays `ar`'s. The corpus is the model's own greedy answer, so
+    the first request that asks the same already drafts from it."""
+    llm, prompt_ids, answer = tiny_llm_dir_datastore
+    assert llm.new_drafter("suffix").datastore is llm.datastore is llm.new_drafter("auto").members["suffix"].datastore
+    params = SamplingParams(max_tokens=24, temperature=0)
+    for method in ("suffix", "auto"):
+        out = llm.generate([prompt_ids], params, method=method)[0]
+        assert out.token_ids == answer, method
+        assert out.metrics.accepted_per_step > 2.0, method  # a fresh LLM: only the datastore knew it

@@ -20,7 +20,7 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "aded": lambda env: Aded(),
     "lookahead": lambda env: Lookahead(),
     "pld": lambda env: PromptLookupDrafter(),
-    "suffix": lambda env: SuffixDrafter(),
+    "suffix": lambda env: SuffixDrafter(datastore=env.datastore()),
     "layerskip": layer_skip,
     "draft": draft_model,
     "head": head_drafter,

@@ -20,19 +20,22 @@ from fastdecode.tree import DraftTree
 
 if TYPE_CHECKING:
     from fastdecode.drafters.head import DraftHead
+    from fastdecode.drafters.suffix import SuffixTrie
     from fastdecode.model import Transformer
 
 
 @dataclass
 class DrafterEnv:
-    """What a drafter may know when it is built: the model's shape, this machine's cost curve and,
-    for drafters that draft with a model, the target model and an optional draft model."""
+    """What a drafter may know when it is built: the model's shape, this machine's cost curve, for
+    drafters that draft with a model the target model and an optional draft model or head, and an
+    optional datastore for `suffix`."""
 
     config: ModelConfig
     cost: Callable[[int], float]  # time of an n-token forward over a 1-token one (measured lazily)
     model: "Transformer | None" = None  # the target (layerskip and early-exit drafts run parts of it)
     draft_model: "Callable[[], Transformer | None]" = lambda: None  # a separate draft model, loaded on first use
     draft_head: "Callable[[], DraftHead | None]" = lambda: None  # a trained draft head, loaded on first use
+    datastore: "Callable[[], SuffixTrie | None]" = lambda: None  # a corpus trie for `suffix` (LLM(datastore=))
 
 
 @dataclass

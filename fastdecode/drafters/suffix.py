@@ -20,17 +20,27 @@ is read from that sequence. Only substrings seen twice or more get a node, so a 
 O(repeated substrings), and appending a token touches only the nodes of the context's repeated
 suffixes. The global trie keeps at most `global_max_tokens` tokens: when full, the oldest
 documents are dropped and the trie is rebuilt from the rest.
+
+A third, read-only trie may come from a corpus file (`load_datastore`; `LLM(datastore=...)`),
+as REST (He et al. 2024) drafts from a datastore: built once per LLM and shared by every drafter,
+so text the model tends to write is predictable from the first request on.
 """
 from __future__ import annotations
 
 import heapq
+import json
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 
 from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.drafters.ngram import match_confidence
 from fastdecode.tree import DraftTree
 
 SEPARATOR = -1  # ends a document in a trie's token sequence; leaf chains stop there
+MAX_PATTERN = 24  # longest context suffix matched
+MAX_DRAFT_DEPTH = 16  # deepest draft node
+PROMPT_TAIL = 8  # prompt tokens kept before an output in the global trie (and a corpus answer in a datastore)
 
 
 class _Node:
@@ -145,11 +155,12 @@ class SuffixTrie:
 class SuffixDrafter:
     def __init__(
         self,
-        max_pattern: int = 24,
-        max_draft_depth: int = 16,
+        max_pattern: int = MAX_PATTERN,
+        max_draft_depth: int = MAX_DRAFT_DEPTH,
         min_score: float = 0.3,
         global_max_tokens: int = 100_000,
-        prompt_tail: int = 8,
+        prompt_tail: int = PROMPT_TAIL,
+        datastore: SuffixTrie | None = None,
     ) -> None:
         if max_pattern < 1 or max_draft_depth < 1:
             raise ValueError(f"max_pattern={max_pattern} and max_draft_depth={max_draft_depth} must be >= 1")
@@ -162,6 +173,7 @@ class SuffixDrafter:
         self.documents: deque[list[int]] = deque()  # what the global trie holds, oldest first
         self.global_tokens = 0
         self.prompt: list[int] = []
+        self.datastore = datastore  # read-only, maybe shared with other drafters
 
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self.prompt = list(prompt_ids)
@@ -173,7 +185,9 @@ class SuffixDrafter:
         best, best_score = DraftTree(), 0.0
         if budget <= 0:
             return best
-        for trie in (self.request, self.global_trie):
+        for trie in (self.request, self.global_trie, self.datastore):
+            if trie is None:
+                continue
             match = trie.longest_match(context, self.max_pattern)
             if match is None:
                 continue
@@ -243,3 +257,57 @@ class SuffixDrafter:
             total -= neg_score
             push_children(child, depth, row, -neg_score)
         return tree, total
+
+
+def load_datastore(path: str | Path, encode: Callable[[str], list[int]], vocab_size: int) -> SuffixTrie:
+    """A trie over the documents of a corpus file, for SuffixDrafter(datastore=...).
+
+    `.jsonl`: one document a line, {"text": "..."} (encoded with `encode`) or {"ids": [token ids]};
+    with "start" (the answer's first index, as in `fastdecode train-head --corpus` files) only the
+    answer and the PROMPT_TAIL tokens before it are kept, as the global trie keeps an output.
+    Any other file: UTF-8 text, one document per block of lines between blank lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"datastore {path} not found (a .jsonl corpus, or a text file)")
+    trie = SuffixTrie(MAX_PATTERN + MAX_DRAFT_DEPTH)
+    documents = 0
+    for n, ids in enumerate(_documents(path, encode), 1):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"datastore {path} document {n}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        if ids:
+            trie.extend(ids)
+            trie.close_document()
+            documents += 1
+    if not documents:
+        raise ValueError(f"datastore {path} holds no documents")
+    return trie
+
+
+def _documents(path: Path, encode: Callable[[str], list[int]]):
+    if path.suffix != ".jsonl":
+        block: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            for line in list(f) + [""]:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield encode("".join(block).rstrip("\n"))
+                    block = []
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if "text" in row:
+                    yield encode(str(row["text"]))
+                    continue
+                ids = [int(t) for t in row["ids"]]
+                start = int(row.get("start", PROMPT_TAIL))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"datastore {path} line {n}: want {{\"text\": \"...\"}} or {{\"ids\": [token ids], "
+                                 f"\"start\": answer start (optional)}} ({exc!r})") from exc
+            yield ids[max(start - PROMPT_TAIL, 0) :]

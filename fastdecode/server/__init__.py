@@ -19,11 +19,9 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from fastdecode import LLM
+    from fastdecode.cli import _llm
 
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-              draft_model=args.draft_model, prefix_cache=args.prefix_cache,
-              draft_head=args.draft_head)
+    llm = _llm(args)
     app = create_app(llm, model_name=args.served_model_name, method=args.method, max_batch=args.max_batch,
                      max_waiting=args.max_waiting, api_key=args.api_key, engine_thread=False,
                      prefill_chunk=args.prefill_chunk)
