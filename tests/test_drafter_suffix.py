@@ -182,3 +182,9 @@ def test_llm_datastore_is_shared_and_lossless(tiny_llm_dir_datastore) -> None:
         out = llm.generate([prompt_ids], params, method=method)[0]
         assert out.token_ids == answer, method
         assert out.metrics.accepted_per_step > 2.0, method  # a fresh LLM: only the datastore knew it
+    # sampled: a seed fixes every draw (sampling.py), so each method emits ar's sampled tokens
+    for seed in range(3):
+        sampled = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=seed)
+        want = llm.generate([prompt_ids], sampled, method="ar")[0].token_ids
+        for method in ("suffix", "auto"):
+            assert llm.generate([prompt_ids], sampled, method=method)[0].token_ids == want, (method, seed)
