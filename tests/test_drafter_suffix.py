@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from fastdecode import SamplingParams
-from fastdecode.drafters.suffix import SuffixDrafter, SuffixTrie, load_datastore
+from fastdecode.drafters.suffix import SEPARATOR, SuffixDrafter, SuffixTrie, load_datastore
 from fastdecode.tree import DraftTree
 
 
@@ -188,3 +188,13 @@ def test_llm_datastore_is_shared_and_lossless(tiny_llm_dir_datastore) -> None:
         want = llm.generate([prompt_ids], sampled, method="ar")[0].token_ids
         for method in ("suffix", "auto"):
             assert llm.generate([prompt_ids], sampled, method=method)[0].token_ids == want, (method, seed)
+
+
+def test_llm_encodes_a_text_datastore_with_its_tokenizer(tiny_llama_dir, tmp_path) -> None:
+    from fastdecode import LLM
+
+    path = _write(tmp_path / "notes.txt", "the cat sat on the mat\n\nand then it slept\n")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", datastore=str(path))
+    encode = lambda text: list(llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    want = encode("the cat sat on the mat") + [SEPARATOR] + encode("and then it slept") + [SEPARATOR]
+    assert llm.datastore.seq == want
