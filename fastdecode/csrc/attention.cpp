@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -97,10 +98,13 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   TORCH_CHECK(width % (heads + 2 * kv_heads) == 0, "qkv width ", width, " is not (heads + 2 * kv_heads) * head_dim");
   const int64_t hd = width / (heads + 2 * kv_heads);
   TORCH_CHECK(hd % 2 == 0, "head_dim = ", hd, " must be even");
+  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;  // prototype: bf16 caches on the AVX512 core only
   for (const at::Tensor* c : {&cache_k, &cache_v})
-    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->size(1) == kv_heads &&
-                    c->size(3) == hd,
+    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == (bf16 ? at::kBFloat16 : at::kFloat) && c->is_contiguous() &&
+                    c->size(1) == kv_heads && c->size(3) == hd,
                 "cache must be a contiguous float32 tensor [layers, ", kv_heads, ", max_len, ", hd, "]");
+  TORCH_CHECK(!bf16 || (has_avx512() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)),
+              "a bf16 cache needs the AVX512 core (prototype)");
   const int64_t max_len = cache_k.size(2), total = length + n;
   TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "layer ", layer, " out of range");
   TORCH_CHECK(0 <= length && total <= max_len, "length ", length, " + n ", n, " exceeds the cache (", max_len, ")");
@@ -114,6 +118,33 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   const float* src = qkv.data_ptr<float>();
   const float* r = rot.data_ptr<float>();
   const int64_t head_stride = max_len * hd;
+  if (bf16) {
+    uint16_t* Kb = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()) + layer * kv_heads * head_stride;
+    uint16_t* Vb = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()) + layer * kv_heads * head_stride;
+    std::vector<float> tmp(hd);
+    auto to_bf16 = [](float f) -> uint16_t {  // round to nearest even
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    };
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = src + t * width;
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        rope(row + (heads + g) * hd, r + t * hd, tmp.data(), hd);
+        uint16_t* kd = Kb + g * head_stride + (length + t) * hd;
+        uint16_t* vd = Vb + g * head_stride + (length + t) * hd;
+        const float* v = row + (heads + kv_heads + g) * hd;
+        for (int64_t i = 0; i < hd; ++i) {
+          kd[i] = to_bf16(tmp[i]);
+          vd[i] = to_bf16(v[i]);
+        }
+      }
+    }
+    at::Tensor out = at::empty({n, heads * hd}, qkv.options());
+    const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+    attention_512(src, width, r, Kb, Vb, head_stride, m, out.data_ptr<float>(), n, length, heads, kv_heads, hd);
+    return out;
+  }
   float* K = cache_k.data_ptr<float>() + layer * kv_heads * head_stride;
   float* V = cache_v.data_ptr<float>() + layer * kv_heads * head_stride;
   // New keys (rotated) and values into the pending slots.

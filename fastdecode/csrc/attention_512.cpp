@@ -56,6 +56,11 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // r[s] = the sum of v[s]'s 16 lanes for s = 0..15, each by the same tree: within each 128-bit
 // quarter (l0 + l2) + (l1 + l3), then quarters (q0 + q1) + (q2 + q3). Lanes of different
 // vectors never mix, so r[s] depends on v[s] alone.
@@ -73,29 +78,29 @@ inline __m512 reduce16(__m512* v) {
 }
 
 // dst[0..16) = scores of query q against the 16 keys at k (rows of 16 * C floats).
-template <int C>
-inline void scores16(const float* q, const float* k, float scale, float* dst) {
+template <int C, typename T>
+inline void scores16(const float* q, const T* k, float scale, float* dst) {
   __m512 qv[C], acc[16];
   for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
 #pragma GCC unroll 16
   for (int s = 0; s < 16; ++s) {
-    acc[s] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k + s * 16 * C));  // = fma(q, k, 0)
+    acc[s] = _mm512_mul_ps(qv[0], load16(k + s * 16 * C));  // = fma(q, k, 0)
 #pragma GCC unroll 8
-    for (int c = 1; c < C; ++c) acc[s] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + s * 16 * C + 16 * c), acc[s]);
+    for (int c = 1; c < C; ++c) acc[s] = _mm512_fmadd_ps(qv[c], load16(k + s * 16 * C + 16 * c), acc[s]);
   }
   _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
 }
 
 // out[b] = sum over j < len of p[b][j] * v_j (the rows of p already divided by their sums),
 // for Q queries side by side sharing each loaded row of V.
-template <int C, int Q>
-inline void weighted_sums(const float* const* p, int64_t len, const float* V, float* const* out) {
+template <int C, int Q, typename T>
+inline void weighted_sums(const float* const* p, int64_t len, const T* V, float* const* out) {
   __m512 acc[Q][C];
   for (int b = 0; b < Q; ++b)
     for (int c = 0; c < C; ++c) acc[b][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < len; ++j) {
     __m512 v[C];
-    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(V + j * 16 * C + 16 * c);
+    for (int c = 0; c < C; ++c) v[c] = load16(V + j * 16 * C + 16 * c);
     for (int b = 0; b < Q; ++b) {
       const __m512 pb = _mm512_set1_ps(p[b][j]);
       for (int c = 0; c < C; ++c) acc[b][c] = _mm512_fmadd_ps(pb, v[c], acc[b][c]);
@@ -105,8 +110,8 @@ inline void weighted_sums(const float* const* p, int64_t len, const float* V, fl
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[b] + 16 * c, acc[b][c]);
 }
 
-template <int C>
-void core(const float* src, int64_t width, const float* rot, const float* K, const float* V, int64_t head_stride,
+template <int C, typename T>
+void core(const float* src, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
           const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
   constexpr int64_t hd = 16 * C;
   constexpr int Q = C <= 4 ? 4 : 2;  // queries per weighted_sums call: 4 x C accumulators
@@ -120,28 +125,29 @@ void core(const float* src, int64_t width, const float* rot, const float* K, con
   const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(nq_max * hd), score(nq_max * stride), tail(16 * hd), sums(nq_max);
+    std::vector<float> q(nq_max * hd), score(nq_max * stride), sums(nq_max);
+    std::vector<T> tail(16 * hd);
     std::vector<int64_t> visible(nq_max);
     std::vector<const float*> prow(nq_max);
     std::vector<float*> outs(nq_max);
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
-      const float* Kg = K + h0 / group * head_stride;
-      const float* Vg = V + h0 / group * head_stride;
+      const T* Kg = K + h0 / group * head_stride;
+      const T* Vg = V + h0 / group * head_stride;
       const int64_t last = fastdecode::task_queries(src, width, rot, out, heads, hd, h0, t0, nt, nq, length, total,
                                                     mask != nullptr, q.data(), visible.data(), outs.data());
       // Scores, one 16-slot group at a time; the last group's missing keys read as zeros.
       for (int64_t j0 = 0; j0 < last; j0 += kBlock)
         for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {
-          const float* kj = Kg + j * hd;
+          const T* kj = Kg + j * hd;
           if (j + 16 > total) {
-            std::fill(tail.begin(), tail.end(), 0.0f);
-            std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(float));
+            std::fill(tail.begin(), tail.end(), T(0));
+            std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(T));
             kj = tail.data();
           }
           for (int64_t a = 0; a < nq; ++a)
-            if (j < visible[a]) scores16<C>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
+            if (j < visible[a]) scores16<C, T>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
         }
       // Softmax numerators: masked slots and slots past a query's end become exact zeros.
       for (int64_t a = 0; a < nq; ++a) {
@@ -181,10 +187,10 @@ void core(const float* src, int64_t width, const float* rot, const float* K, con
         const float* const* pa = prow.data() + a;
         float* const* oa = outs.data() + a;
         switch (m) {
-          case 1: weighted_sums<C, 1>(pa, len, Vg, oa); break;
-          case 2: weighted_sums<C, 2>(pa, len, Vg, oa); break;
-          case 3: weighted_sums<C, (Q > 2 ? 3 : 1)>(pa, len, Vg, oa); break;
-          default: weighted_sums<C, Q>(pa, len, Vg, oa); break;
+          case 1: weighted_sums<C, 1, T>(pa, len, Vg, oa); break;
+          case 2: weighted_sums<C, 2, T>(pa, len, Vg, oa); break;
+          case 3: weighted_sums<C, (Q > 2 ? 3 : 1), T>(pa, len, Vg, oa); break;
+          default: weighted_sums<C, Q, T>(pa, len, Vg, oa); break;
         }
       }
     }
@@ -195,16 +201,30 @@ void core(const float* src, int64_t width, const float* rot, const float* K, con
 
 namespace fastdecode {
 
-void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
+template <typename T>
+void attention_512_t(const float* qkv, int64_t width, const float* rot, const T* K, const T* V,
                    int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
                    int64_t kv_heads, int64_t hd) {
   switch (hd) {
-    case 16: return core<1>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 32: return core<2>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 64: return core<4>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 128: return core<8>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 16: return core<1, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 32: return core<2, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 64: return core<4, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 128: return core<8, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
     default: TORCH_CHECK(false, "attention_512: head_dim ", hd, " is not 16, 32, 64 or 128");
   }
+}
+
+
+void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
+                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
+                   int64_t kv_heads, int64_t hd) {
+  attention_512_t(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, hd);
+}
+
+void attention_512(const float* qkv, int64_t width, const float* rot, const uint16_t* K, const uint16_t* V,
+                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
+                   int64_t kv_heads, int64_t hd) {
+  attention_512_t(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, hd);
 }
 
 }  // namespace fastdecode

@@ -30,6 +30,10 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
 void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
                    int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
                    int64_t kv_heads, int64_t hd);
+// the same over a bf16 cache (prototype)
+void attention_512(const float* qkv, int64_t width, const float* rot, const uint16_t* K, const uint16_t* V,
+                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
+                   int64_t kv_heads, int64_t hd);
 
 // dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
 inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
