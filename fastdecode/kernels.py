@@ -151,6 +151,13 @@ def bf16_isa() -> str | None:
     return None if ops is None else ops.bf16_isa()
 
 
+def attention_isa() -> str | None:
+    """Which attention core runs: "avx512" (csrc/attention_512.cpp; takes bf16 KV caches too, on
+    CPUs with AVX512F/BW/VL unless FASTDECODE_NO_AVX512=1) or "avx2" (fp32 caches); None without kernels."""
+    ops = _load()
+    return None if ops is None else ops.attention_isa()
+
+
 def attention_op() -> Callable[..., torch.Tensor] | None:
     """The raw op `(qkv, cache_k, cache_v, layer, length, rot, mask, heads, kv_heads) -> attn`:
     RoPE, the pending KV writes and attention of one layer in one call (csrc/attention.cpp), or None."""

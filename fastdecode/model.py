@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import attention_op, bf16_linear_op, layer_ops
+from fastdecode.kernels import attention_isa, attention_op, bf16_linear_op, layer_ops
 from fastdecode.kv_cache import KVCache
 from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
 
@@ -167,6 +167,7 @@ class Block(nn.Module):
         k = qk[:, self.n_heads :].transpose(0, 1)  # [kv_heads, n, hd]
         v = qkv[:, self.n_heads + self.n_kv :].transpose(0, 1)
         keys, values = cache.write(layer, k, v)  # [kv_heads, length + n, hd]
+        keys, values = keys.float(), values.float()  # (a bf16 cache: widened exactly)
         causal = mask is None and n > 1 and keys.shape[1] == n
         if mask is None and n > 1 and not causal:
             mask = causal_mask(keys.shape[1] - n, n)
@@ -261,6 +262,7 @@ class Transformer(nn.Module):
         # the last `forward`'s final hidden states, before the norm, every row (the `head` drafter
         # reads them); None after a batched forward
         self.hidden: torch.Tensor | None = None
+        self.kv_dtype = torch.float32  # build_model: bfloat16 where the matrices are not fp32 (kv_cache_dtype)
 
     @property
     def exact_rows(self) -> bool:
@@ -272,7 +274,7 @@ class Transformer(nn.Module):
         return attention_op() is not None and all(row_independent(m) for m in (b.qkv, b.o, b.gate_up, b.down))
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, torch.float32)
+        return KVCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.max_len, self.kv_dtype)
 
     @torch.inference_mode()
     def forward(
@@ -429,9 +431,21 @@ def build_model(
         model = Transformer(cfg, max_len)
     model.load_hf_state(state, MATRIX_DTYPES[dtype])
     model.rope = rope_table(cfg, max_len)
+    model.kv_dtype = kv_cache_dtype(dtype, cfg.head_dim)
     if dtype in QUANT_DTYPES:
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
     return model.eval()
+
+
+def kv_cache_dtype(dtype: str, head_dim: int) -> torch.dtype:
+    """The KV cache's storage: bfloat16 for the bf16 / int8 / int4 models where the AVX512 attention
+    core runs (it rounds new entries once and widens them exactly on load), else float32. A
+    one-token step reads the whole cache (~47 MB in fp32 for SmolLM2 at 1,024 tokens), and a tree
+    re-reads it per 4-token tile; bf16 halves that. float32 keeps an fp32 cache: it is the
+    reference the other dtypes and transformers are compared with."""
+    if dtype == "float32" or attention_isa() != "avx512" or head_dim not in (16, 32, 64, 128):
+        return torch.float32
+    return torch.bfloat16
 
 
 def _quantize_linears(model: Transformer, kind: str, blocks: dict[str, Blocks]) -> None:

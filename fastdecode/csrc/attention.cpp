@@ -5,10 +5,12 @@
 // building, SDPA) whose fixed per-op costs dominated a decode step.
 // Registered as torch.ops.fastdecode_kernels.attention; built with linear_*.cpp.
 //
-// Layout (fp32 everywhere):
+// Layout (fp32 everywhere but a bf16 cache):
 //   qkv   [n, (heads + 2 * kv_heads) * hd]: q heads, then k heads, then v heads, each
 //         head's q/k features stored as (x, y) pairs of the rotation (model.py's order);
-//   cache k, v [layers, kv_heads, max_len, hd];
+//   cache k, v [layers, kv_heads, max_len, hd], float32, or bfloat16 on the AVX512 core: new
+//         entries are rounded to nearest even once, and read back widened exactly, so a bf16
+//         cache gives the numbers an fp32 cache holding the same rounded values would;
 //   rot   [n, hd / 2, 2]: (cos, sin) of each pair's angle at each new token's position;
 //   mask  [n, length + n] bool (true = may attend), or none for causal.
 // Each (head, token) is summed in a fixed order of its own (see the tasks below), so the
@@ -21,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -98,13 +101,14 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   TORCH_CHECK(width % (heads + 2 * kv_heads) == 0, "qkv width ", width, " is not (heads + 2 * kv_heads) * head_dim");
   const int64_t hd = width / (heads + 2 * kv_heads);
   TORCH_CHECK(hd % 2 == 0, "head_dim = ", hd, " must be even");
-  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;  // prototype: bf16 caches on the AVX512 core only
+  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;  // bf16 caches: the AVX512 core only
   for (const at::Tensor* c : {&cache_k, &cache_v})
     TORCH_CHECK(c->dim() == 4 && c->scalar_type() == (bf16 ? at::kBFloat16 : at::kFloat) && c->is_contiguous() &&
                     c->size(1) == kv_heads && c->size(3) == hd,
-                "cache must be a contiguous float32 tensor [layers, ", kv_heads, ", max_len, ", hd, "]");
+                "cache k and v must be contiguous float32 (or both bfloat16) tensors [layers, ", kv_heads,
+                ", max_len, ", hd, "]");
   TORCH_CHECK(!bf16 || (has_avx512() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)),
-              "a bf16 cache needs the AVX512 core (prototype)");
+              "a bfloat16 cache needs the AVX512 core and head_dim 16, 32, 64 or 128");
   const int64_t max_len = cache_k.size(2), total = length + n;
   TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "layer ", layer, " out of range");
   TORCH_CHECK(0 <= length && total <= max_len, "length ", length, " + n ", n, " exceeds the cache (", max_len, ")");
@@ -252,11 +256,15 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   return out;
 }
 
+// Which core runs: "avx512" (it also takes bf16 caches) or "avx2" (fp32 caches only).
+std::string attention_isa() { return has_avx512() ? "avx512" : "avx2"; }
+
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("attention(Tensor qkv, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, Tensor rot, "
         "Tensor? mask, int heads, int kv_heads) -> Tensor");
+  m.def("attention_isa() -> str", &fastdecode::attention_isa);  // no tensors: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {

@@ -30,7 +30,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
 void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
                    int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
                    int64_t kv_heads, int64_t hd);
-// the same over a bf16 cache (prototype)
+// the same over a bf16 cache (entries widened exactly on load)
 void attention_512(const float* qkv, int64_t width, const float* rot, const uint16_t* K, const uint16_t* V,
                    int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
                    int64_t kv_heads, int64_t hd);
