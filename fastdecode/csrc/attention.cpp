@@ -86,6 +86,34 @@ inline void weighted_sum64(const float* p, int64_t j0, int64_t j1, float inv, co
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
+inline void put(float x, float* dst) { *dst = x; }
+inline void put(float x, uint16_t* dst) {  // bf16, rounded to nearest even
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  *dst = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The new keys (rotated) and values into the pending slots [length, length + n) of one layer's
+// cache, K and V at its first head (T = float, or uint16_t for a bf16 cache).
+template <typename T>
+void write_entries(const float* src, int64_t width, const float* rot, T* K, T* V, int64_t head_stride, int64_t n,
+                   int64_t length, int64_t heads, int64_t kv_heads, int64_t hd) {
+  std::vector<float> k(hd);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = src + t * width;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      fastdecode::rope(row + (heads + g) * hd, rot + t * hd, k.data(), hd);
+      const float* v = row + (heads + kv_heads + g) * hd;
+      T* kd = K + g * head_stride + (length + t) * hd;
+      T* vd = V + g * head_stride + (length + t) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        put(k[i], kd + i);
+        put(v[i], vd + i);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 namespace fastdecode {
@@ -122,49 +150,20 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   const float* src = qkv.data_ptr<float>();
   const float* r = rot.data_ptr<float>();
   const int64_t head_stride = max_len * hd;
-  if (bf16) {
-    uint16_t* Kb = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()) + layer * kv_heads * head_stride;
-    uint16_t* Vb = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()) + layer * kv_heads * head_stride;
-    std::vector<float> tmp(hd);
-    auto to_bf16 = [](float f) -> uint16_t {  // round to nearest even
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    };
-    for (int64_t t = 0; t < n; ++t) {
-      const float* row = src + t * width;
-      for (int64_t g = 0; g < kv_heads; ++g) {
-        rope(row + (heads + g) * hd, r + t * hd, tmp.data(), hd);
-        uint16_t* kd = Kb + g * head_stride + (length + t) * hd;
-        uint16_t* vd = Vb + g * head_stride + (length + t) * hd;
-        const float* v = row + (heads + kv_heads + g) * hd;
-        for (int64_t i = 0; i < hd; ++i) {
-          kd[i] = to_bf16(tmp[i]);
-          vd[i] = to_bf16(v[i]);
-        }
-      }
-    }
-    at::Tensor out = at::empty({n, heads * hd}, qkv.options());
-    const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-    attention_512(src, width, r, Kb, Vb, head_stride, m, out.data_ptr<float>(), n, length, heads, kv_heads, hd);
-    return out;
-  }
-  float* K = cache_k.data_ptr<float>() + layer * kv_heads * head_stride;
-  float* V = cache_v.data_ptr<float>() + layer * kv_heads * head_stride;
-  // New keys (rotated) and values into the pending slots.
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = src + t * width;
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      float* kd = K + g * head_stride + (length + t) * hd;
-      rope(row + (heads + g) * hd, r + t * hd, kd, hd);
-      const float* v = row + (heads + kv_heads + g) * hd;
-      std::copy(v, v + hd, V + g * head_stride + (length + t) * hd);
-    }
-  }
-
+  const int64_t offset = layer * kv_heads * head_stride;
   at::Tensor out = at::empty({n, heads * hd}, qkv.options());
   float* o = out.data_ptr<float>();
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  if (bf16) {
+    uint16_t* Kb = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()) + offset;
+    uint16_t* Vb = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()) + offset;
+    write_entries(src, width, r, Kb, Vb, head_stride, n, length, heads, kv_heads, hd);
+    attention_512(src, width, r, Kb, Vb, head_stride, m, o, n, length, heads, kv_heads, hd);
+    return out;
+  }
+  float* K = cache_k.data_ptr<float>() + offset;
+  float* V = cache_v.data_ptr<float>() + offset;
+  write_entries(src, width, r, K, V, head_stride, n, length, heads, kv_heads, hd);
   if (has_avx512() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)) {
     attention_512(src, width, r, K, V, head_stride, m, o, n, length, heads, kv_heads, hd);
     return out;

@@ -202,9 +202,9 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
 namespace fastdecode {
 
 template <typename T>
-void attention_512_t(const float* qkv, int64_t width, const float* rot, const T* K, const T* V,
-                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
-                   int64_t kv_heads, int64_t hd) {
+void attention_512(const float* qkv, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
+                   const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
+                   int64_t hd) {
   switch (hd) {
     case 16: return core<1, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
     case 32: return core<2, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
@@ -214,18 +214,10 @@ void attention_512_t(const float* qkv, int64_t width, const float* rot, const T*
   }
 }
 
-
-void attention_512(const float* qkv, int64_t width, const float* rot, const float* K, const float* V,
-                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
-                   int64_t kv_heads, int64_t hd) {
-  attention_512_t(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, hd);
-}
-
-void attention_512(const float* qkv, int64_t width, const float* rot, const uint16_t* K, const uint16_t* V,
-                   int64_t head_stride, const bool* mask, float* out, int64_t n, int64_t length, int64_t heads,
-                   int64_t kv_heads, int64_t hd) {
-  attention_512_t(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, hd);
-}
+template void attention_512(const float*, int64_t, const float*, const float*, const float*, int64_t, const bool*,
+                            float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+template void attention_512(const float*, int64_t, const float*, const uint16_t*, const uint16_t*, int64_t,
+                            const bool*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace fastdecode
 
