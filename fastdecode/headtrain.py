@@ -79,7 +79,7 @@ def turn_ids(llm) -> tuple[list[int], list[int]]:
     if text.count(MARK) != 1:
         raise ValueError("the chat template must show the user's message once")
     before, after = text.split(MARK)
-    enc = lambda s: list(llm.tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    enc = llm.encode
     if enc(before) + enc(MARK) + enc(after) != llm.apply_chat_template([{"role": "user", "content": MARK}]):
         raise ValueError("the chat template's pieces do not tokenize apart; Magpie prompts need them to")
     return enc(before), enc(after)

@@ -77,8 +77,7 @@ class LLM:
         # built now (~9 s and ~0.8 GB per million corpus tokens here), so the first request does not wait
         self.datastore: SuffixTrie | None = None
         if datastore is not None:
-            encode = lambda text: list(self.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-            self.datastore = load_datastore(datastore, encode, self.config.vocab_size)
+            self.datastore = load_datastore(datastore, self.encode, self.config.vocab_size)
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostCurve | None = None
 
@@ -114,6 +113,10 @@ class LLM:
         """Whether prompts reuse a cached prefix (asked for, and the model has exact rows)."""
         return self.engine.prefix_cache
 
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text` alone (no BOS or other special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -145,9 +148,12 @@ class LLM:
     def new_drafter(self, method: str) -> Drafter:
         """A fresh drafter for `method` (the batch engine keeps one per running request)."""
         check_method(method)
-        return METHODS[method](
-            DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model, self.load_draft_head,
-                       lambda: self.datastore))
+        return METHODS[method](self.drafter_env())
+
+    def drafter_env(self) -> DrafterEnv:
+        """What this LLM's drafters are built from: its model, cost curve, draft model, head, datastore."""
+        return DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model, self.load_draft_head,
+                          lambda: self.datastore)
 
     def load_draft_model(self) -> Transformer | None:
         """The separate draft model given as `draft_model` (loaded on first use), or None."""

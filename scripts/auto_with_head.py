@@ -18,7 +18,6 @@ from dataclasses import replace
 from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters import METHODS
-from fastdecode.drafters.base import DrafterEnv
 
 
 def main() -> None:
@@ -40,8 +39,7 @@ def main() -> None:
     if args.draft_head is None and args.datastore is None:
         p.error("give --draft-head, --datastore or both")
     llm = LLM(threads=args.threads, draft_head=args.draft_head, datastore=args.datastore, prefix_cache=False)
-    env = DrafterEnv(llm.config, llm.forward_cost, llm.model, llm.load_draft_model, llm.load_draft_head,
-                     lambda: llm.datastore)
+    env = llm.drafter_env()
     drafters = {m: llm.new_drafter(m) for m in ("ar", "head")[: 2 if args.draft_head else 1]}
     # as an LLM given neither
     drafters["auto (bare)"] = METHODS["auto"](replace(env, draft_head=lambda: None, datastore=lambda: None))

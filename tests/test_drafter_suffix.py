@@ -195,6 +195,5 @@ def test_llm_encodes_a_text_datastore_with_its_tokenizer(tiny_llama_dir, tmp_pat
 
     path = _write(tmp_path / "notes.txt", "the cat sat on the mat\n\nand then it slept\n")
     llm = LLM(str(tiny_llama_dir), dtype="float32", datastore=str(path))
-    encode = lambda text: list(llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    want = encode("the cat sat on the mat") + [SEPARATOR] + encode("and then it slept") + [SEPARATOR]
+    want = llm.encode("the cat sat on the mat") + [SEPARATOR] + llm.encode("and then it slept") + [SEPARATOR]
     assert llm.datastore.seq == want
