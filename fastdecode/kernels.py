@@ -152,8 +152,9 @@ def bf16_isa() -> str | None:
 
 
 def attention_isa() -> str | None:
-    """Which attention core runs: "avx512" (csrc/attention_512.cpp; takes bf16 KV caches too, on
-    CPUs with AVX512F/BW/VL unless FASTDECODE_NO_AVX512=1) or "avx2" (fp32 caches); None without kernels."""
+    """Which attention core runs: "avx512bf16" (csrc/attention_512.cpp on a CPU with AVX512-BF16: takes
+    bf16 KV caches too, scored by vdpbf16ps), "avx512" (the same core without AVX512-BF16: fp32 caches)
+    or "avx2" (fp32 caches; also forced by FASTDECODE_NO_AVX512=1); None without kernels."""
     ops = _load()
     return None if ops is None else ops.attention_isa()
 

@@ -320,57 +320,64 @@ def test_fused_layer_equals_its_pieces(dtype: str) -> None:
         ops.layer(x, n1, n2, 1e-5, qkv[:2], o, gate_up, down, k1, v1, 1, length, rot, mask, heads, kv)
 
 
-@pytest.mark.parametrize("hd", [16, 64, 128])
+@pytest.mark.parametrize("hd", [16, 32, 64, 128])
 @pytest.mark.parametrize("n,length,masked", [(1, 0, False), (1, 37, False), (7, 20, True), (9, 150, False)])
-def test_attention_over_a_bf16_cache_is_over_an_fp32_cache_of_rounded_values(n: int, length: int, masked: bool, hd: int) -> None:
-    """On the AVX512 core a bfloat16 KV cache gives the same bits as an fp32 cache that holds the
-    same entries rounded to bf16 (new keys and values are rounded to nearest even once, as
-    torch's .to(bfloat16) rounds them, and widened exactly on load)."""
-    if kernels.attention_isa() != "avx512":
-        pytest.skip("bf16 KV caches run on the AVX512 attention core only")
+def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int) -> None:
+    """On the AVX512-BF16 core a bfloat16 KV cache holds new keys and values rounded to nearest even
+    (as torch's .to(bfloat16) rounds them), and attention is softmax attention over those entries
+    with the queries rounded to bf16 as well (vdpbf16ps scores), up to fp32 sums; where every
+    product and sum is exact, it gives the fp32 cache's bits."""
+    if kernels.attention_isa() != "avx512bf16":
+        pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()
-    qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=n + length)
+    heads, kv_heads = 4, 2
+    qkv, k, v, _ = _attention_case(n, length, hd=hd, seed=n + length)
+    still = torch.stack([torch.ones(n, hd // 2), torch.zeros(n, hd // 2)], dim=-1).contiguous()  # RoPE by angle 0
     mask = None
     if masked:
         mask = torch.ones(n, length + n, dtype=torch.bool)
         mask[:, length:] = torch.rand(n, n, generator=torch.Generator().manual_seed(1)) < 0.5
         mask[:, length:] |= torch.eye(n, dtype=torch.bool)
     kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
-    kf, vf = kb.float(), vb.float()  # the same old entries, in fp32
-    got = op(qkv, kb, vb, 1, length, rot, mask, 4, 2)
-    want = op(qkv, kf, vf, 1, length, rot, mask, 4, 2)  # writes its new entries unrounded
+    got = op(qkv, kb, vb, 1, length, still, mask, heads, kv_heads)
     new = slice(length, length + n)
-    assert torch.equal(kb[1, :, new], kf[1, :, new].to(torch.bfloat16))  # rounded as torch rounds
-    assert torch.equal(vb[1, :, new], vf[1, :, new].to(torch.bfloat16))
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
-    # bit for bit: new entries that bf16 holds exactly (k and v parts of qkv rounded, RoPE by angle 0)
-    heads, kv_heads = 4, 2
-    exact = qkv.clone()
-    exact[:, heads * hd :] = exact[:, heads * hd :].to(torch.bfloat16).float()
-    still = torch.stack([torch.ones(n, hd // 2), torch.zeros(n, hd // 2)], dim=-1).contiguous()
-    kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    want_k = qkv.view(n, heads + 2 * kv_heads, hd)[:, heads : heads + kv_heads].transpose(0, 1).to(torch.bfloat16)
+    assert torch.equal(kb[1, :, new], want_k)  # rounded as torch rounds
+    # the reference in float64 over the same entries, queries rounded to bf16 (rounding them
+    # or not moves the result by ~1e-3, far past this tolerance)
+    rounded = qkv.to(torch.bfloat16).double()
+    kd, vd = kb.double(), vb.double()
+    want = _attention_reference(rounded, kd, vd, 1, length, still.double(), mask, heads, kv_heads)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    # bit for bit with an fp32 cache where q . k is exact in any order (small integers)
+    g = torch.Generator().manual_seed(hd)
+    ints = qkv.clone()
+    ints[:, : (heads + kv_heads) * hd] = torch.randint(-3, 4, (n, (heads + kv_heads) * hd), generator=g).float()
+    ints[:, (heads + kv_heads) * hd :] = ints[:, (heads + kv_heads) * hd :].to(torch.bfloat16).float()
+    kb = torch.randint(-3, 4, k.shape, generator=g).to(torch.bfloat16)
+    vb = v.to(torch.bfloat16)
     kf, vf = kb.float(), vb.float()
-    got = op(exact, kb, vb, 1, length, still, mask, heads, kv_heads)
-    assert torch.equal(got, op(exact, kf, vf, 1, length, still, mask, heads, kv_heads))
+    got = op(ints, kb, vb, 1, length, still, mask, heads, kv_heads)
+    assert torch.equal(got, op(ints, kf, vf, 1, length, still, mask, heads, kv_heads))
     assert torch.equal(kb.float(), kf) and torch.equal(vb.float(), vf)
 
 
 def test_attention_kv_cache_dtype_follows_the_core() -> None:
-    """bf16 / int8 / int4 models get a bfloat16 KV cache where the AVX512 core runs, fp32 elsewhere;
+    """bf16 / int8 / int4 models get a bfloat16 KV cache where the AVX512-BF16 core runs, fp32 elsewhere;
     float32 models always keep fp32 (this test also runs in the FASTDECODE_NO_AVX512 process)."""
     from fastdecode.model import kv_cache_dtype
 
-    avx512 = kernels.attention_isa() == "avx512"
+    bf16 = kernels.attention_isa() == "avx512bf16"
     assert kv_cache_dtype("float32", 64) == torch.float32
     for dtype in ("bfloat16", "int8", "int4"):
-        assert kv_cache_dtype(dtype, 64) == (torch.bfloat16 if avx512 else torch.float32)
+        assert kv_cache_dtype(dtype, 64) == (torch.bfloat16 if bf16 else torch.float32)
     assert kv_cache_dtype("bfloat16", 80) == torch.float32  # a head size the AVX512 core lacks
 
 
 def test_attention_refuses_a_bf16_cache_without_the_avx512_core() -> None:
     """The AVX2 core takes fp32 caches only, and says so (runs in the FASTDECODE_NO_AVX512 process)."""
-    if kernels.attention_isa() == "avx512":
-        pytest.skip("this process runs the AVX512 core; the FASTDECODE_NO_AVX512 process runs this test")
+    if kernels.attention_isa() != "avx2":
+        pytest.skip("this process runs an AVX512 core; the FASTDECODE_NO_AVX512 process runs this test")
     qkv, k, v, rot = _attention_case(1, 3)
-    with pytest.raises(RuntimeError, match="bfloat16 cache needs the AVX512 core"):
+    with pytest.raises(RuntimeError, match="bfloat16 cache needs the AVX512-BF16 core"):
         kernels.attention_op()(qkv, k.to(torch.bfloat16), v.to(torch.bfloat16), 1, 3, rot, None, 4, 2)

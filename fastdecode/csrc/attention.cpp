@@ -8,9 +8,9 @@
 // Layout (fp32 everywhere but a bf16 cache):
 //   qkv   [n, (heads + 2 * kv_heads) * hd]: q heads, then k heads, then v heads, each
 //         head's q/k features stored as (x, y) pairs of the rotation (model.py's order);
-//   cache k, v [layers, kv_heads, max_len, hd], float32, or bfloat16 on the AVX512 core: new
-//         entries are rounded to nearest even once, and read back widened exactly, so a bf16
-//         cache gives the numbers an fp32 cache holding the same rounded values would;
+//   cache k, v [layers, kv_heads, max_len, hd], float32, or bfloat16 on the AVX512 core of a CPU
+//         with AVX512-BF16: new entries are rounded to nearest even once; scores take the queries
+//         rounded to bf16 too, by vdpbf16ps (attention_512.cpp), and values are widened exactly;
 //   rot   [n, hd / 2, 2]: (cos, sin) of each pair's angle at each new token's position;
 //   mask  [n, length + n] bool (true = may attend), or none for causal.
 // Each (head, token) is summed in a fixed order of its own (see the tasks below), so the
@@ -135,8 +135,8 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
                     c->size(1) == kv_heads && c->size(3) == hd,
                 "cache k and v must be contiguous float32 (or both bfloat16) tensors [layers, ", kv_heads,
                 ", max_len, ", hd, "]");
-  TORCH_CHECK(!bf16 || (has_avx512() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)),
-              "a bfloat16 cache needs the AVX512 core and head_dim 16, 32, 64 or 128");
+  TORCH_CHECK(!bf16 || (has_avx512bf16() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)),
+              "a bfloat16 cache needs the AVX512-BF16 core and head_dim 16, 32, 64 or 128");
   const int64_t max_len = cache_k.size(2), total = length + n;
   TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "layer ", layer, " out of range");
   TORCH_CHECK(0 <= length && total <= max_len, "length ", length, " + n ", n, " exceeds the cache (", max_len, ")");
@@ -255,8 +255,9 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   return out;
 }
 
-// Which core runs: "avx512" (it also takes bf16 caches) or "avx2" (fp32 caches only).
-std::string attention_isa() { return has_avx512() ? "avx512" : "avx2"; }
+// Which core runs: "avx512bf16" (the AVX512 core, which also takes bf16 caches), "avx512" (the
+// AVX512 core on a CPU without AVX512-BF16: fp32 caches only) or "avx2" (fp32 caches only).
+std::string attention_isa() { return has_avx512bf16() ? "avx512bf16" : has_avx512() ? "avx512" : "avx2"; }
 
 }  // namespace fastdecode
 

@@ -11,7 +11,9 @@
 // the same bits in a draft tree (ancestors spread among masked slots) as in a one-token forward
 // (the same ancestors compacted). Per query, fixed orders throughout:
 //   score_j = (tree-sum of 16 lanes, lane l = sum over c of q[16c + l] * k_j[16c + l] by fma in
-//             c order) * scale;
+//             c order) * scale; over a bf16 cache (CPUs with AVX512-BF16 only) q is rounded to
+//             bf16 and lane l sums the products of features 32w + 2l + 1, then 32w + 2l, in word
+//             order w (vdpbf16ps; scores16_bf16), then the same tree-sum;
 //   p_j     = e^(score_j - max), exactly 0 where masked; the sum of p in slot order (row_sums);
 //   out     = over j in slot order, out = fma(p_j / sum, v_j, out), lane by lane (masked slots
 //             included: their p is 0, which leaves out as it was).
@@ -25,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -32,7 +35,10 @@
 #include "kernels.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
+// avx512bf16 is for the bf16 cache's scores (scores16_bf16) only: the fp32 instantiation uses no
+// BF16 instruction (this file has no __bf16 type for the compiler to convert to, and the only BF16
+// intrinsics are in scores16_bf16), so it runs on AVX512 CPUs without BF16.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
 namespace {
 
@@ -91,6 +97,37 @@ inline void scores16(const float* q, const T* k, float scale, float* dst) {
   _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
 }
 
+// The same scores for a bf16 cache: q already rounded to bf16 (32 per word, the last word
+// zero-padded when hd = 16), and each vdpbf16ps adds to lane l the products of features 2l and
+// 2l + 1 (exact: a bf16 times a bf16 fits fp32), the higher one first, rounded to nearest even;
+// then the same reduction tree. Half the FMAs of widening the keys, and no widening.
+template <int C>
+inline void scores16_bf16(const uint16_t* q, const uint16_t* k, float scale, float* dst) {
+  constexpr int W = (C + 1) / 2;  // 32-feature words per row
+  __m512bh qv[W];
+  __m512 acc[16];
+  for (int w = 0; w < W; ++w) qv[w] = (__m512bh)_mm512_loadu_si512(q + 32 * w);
+#pragma GCC unroll 16
+  for (int s = 0; s < 16; ++s) {
+    const uint16_t* ks = k + s * 16 * C;
+    const __m512i k0 = C == 1 ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ks)))
+                              : _mm512_loadu_si512(ks);
+    acc[s] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)k0);
+#pragma GCC unroll 4
+    for (int w = 1; w < W; ++w) acc[s] = _mm512_dpbf16_ps(acc[s], qv[w], (__m512bh)_mm512_loadu_si512(ks + 32 * w));
+  }
+  _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+}
+
+// q [hd] -> bf16, rounded to nearest even, into W words of 32 (the last half-word zeros when hd = 16).
+template <int C>
+inline void round_query(const float* q, uint16_t* dst) {
+  for (int w = 0; w < (C + 1) / 2; ++w) {
+    const __m512 lo = _mm512_loadu_ps(q + 32 * w), hi = C == 1 ? _mm512_setzero_ps() : _mm512_loadu_ps(q + 32 * w + 16);
+    _mm512_storeu_si512(dst + 32 * w, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
 // out[b] = sum over j < len of p[b][j] * v_j (the rows of p already divided by their sums),
 // for Q queries side by side sharing each loaded row of V.
 template <int C, int Q, typename T>
@@ -125,7 +162,10 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
   const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
+    constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+    constexpr int64_t qs = (C + 1) / 2 * 32;  // a bf16 query's stride
     std::vector<float> q(nq_max * hd), score(nq_max * stride), sums(nq_max);
+    std::vector<uint16_t> qb(kBf16 ? nq_max * qs : 0);
     std::vector<T> tail(16 * hd);
     std::vector<int64_t> visible(nq_max);
     std::vector<const float*> prow(nq_max);
@@ -137,6 +177,8 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
       const T* Vg = V + h0 / group * head_stride;
       const int64_t last = fastdecode::task_queries(src, width, rot, out, heads, hd, h0, t0, nt, nq, length, total,
                                                     mask != nullptr, q.data(), visible.data(), outs.data());
+      if constexpr (kBf16)
+        for (int64_t a = 0; a < nq; ++a) round_query<C>(q.data() + a * hd, qb.data() + a * qs);
       // Scores, one 16-slot group at a time; the last group's missing keys read as zeros.
       for (int64_t j0 = 0; j0 < last; j0 += kBlock)
         for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {
@@ -146,8 +188,13 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
             std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(T));
             kj = tail.data();
           }
-          for (int64_t a = 0; a < nq; ++a)
-            if (j < visible[a]) scores16<C, T>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
+          for (int64_t a = 0; a < nq; ++a) {
+            if (j >= visible[a]) continue;
+            if constexpr (kBf16)
+              scores16_bf16<C>(qb.data() + a * qs, kj, scale, score.data() + a * stride + j);
+            else
+              scores16<C, T>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
+          }
         }
       // Softmax numerators: masked slots and slots past a query's end become exact zeros.
       for (int64_t a = 0; a < nq; ++a) {
