@@ -362,6 +362,38 @@ def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int)
     assert torch.equal(kb.float(), kf) and torch.equal(vb.float(), vf)
 
 
+@pytest.mark.parametrize("hd", [16, 64, 128])
+@pytest.mark.parametrize("length", [36, 37])
+def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, hd: int) -> None:
+    """Over a bf16 cache (vdpbf16ps scores) a chain token in a tree, its ancestors spread among
+    siblings' masked slots, gets the bits of the same token in one-token forwards, its ancestors
+    compacted, for odd and even cache lengths."""
+    if kernels.attention_isa() != "avx512bf16":
+        pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
+    op = kernels.attention_op()
+    heads, kv_heads = 4, 2
+    nodes = [-1, 0, 0, 2, 2, 4, 3, 5]  # parents; the chain is 0, 2, 4, 5 (siblings between)
+    chain = [0, 2, 4, 5]
+    n = len(nodes)
+    qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=length + hd)
+    k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    depth = [0] * n
+    mask = torch.zeros(n, length + n, dtype=torch.bool)
+    mask[:, :length] = True
+    for i, parent in enumerate(nodes):
+        mask[i, length + i] = True
+        if parent >= 0:
+            mask[i, length:] |= mask[parent, length:]
+            depth[i] = depth[parent] + 1
+    rots = rot[torch.tensor(depth)].contiguous()  # a node's angle follows its depth
+    tree = op(qkv, k.clone(), v.clone(), 1, length, rots, mask, heads, kv_heads)
+    k_ar, v_ar = k.clone(), v.clone()
+    for step, row in enumerate(chain):
+        alone = op(qkv[row : row + 1].contiguous(), k_ar, v_ar, 1, length + step, rots[row : row + 1].contiguous(),
+                   None, heads, kv_heads)
+        assert torch.equal(alone[0], tree[row]), f"chain token {step} differs from its one-token forward"
+
+
 def test_attention_kv_cache_dtype_follows_the_core() -> None:
     """bf16 / int8 / int4 models get a bfloat16 KV cache where the AVX512-BF16 core runs, fp32 elsewhere;
     float32 models always keep fp32 (this test also runs in the FASTDECODE_NO_AVX512 process)."""
