@@ -46,7 +46,7 @@ import torch
 
 __all__ = [
     "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
-    "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "top_k_rows_op",
+    "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -170,6 +170,13 @@ def race_pick_op() -> Callable[[torch.Tensor, int, int], int] | None:
     """The raw op `(probs, seed, index) -> token`: the seeded sampler's draw (csrc/sampling.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.race_pick
+
+
+def sample_row_op() -> Callable[..., tuple[int, float]] | None:
+    """The raw op `(logits [vocab] float32, temperature, top_k, top_p, min_p, nucleus_cut, seed, index)
+    -> (token, probability)`: `Sampler.probs` and the race in one native pass (csrc/sampling.cpp), or None."""
+    ops = _load()
+    return None if ops is None else ops.sample_row
 
 
 def top_k_rows_op() -> Callable[[torch.Tensor, int], torch.Tensor] | None:

@@ -10,8 +10,10 @@ g = -log E, a Gumbel(0, 1) draw), where E_i[t] = -log U is an Exp(1) draw made f
 (seed, i, t) alone. That is an exact draw from p_i, and it makes the output a function of the
 seed and the model only: a drafter that knows the noise can guess the target's pick
 (`Sampler.draft_with_prob`), and whatever it guesses, the emitted tokens are those AR gives with
-the same seed (Daliri et al. 2024, "Drafter-invariant speculative decoding"). The draw runs in
-csrc/sampling.cpp where the kernels are built (`race_pick`), else in numpy, bit for bit alike.
+the same seed (Daliri et al. 2024, "Drafter-invariant speculative decoding"). Where the kernels
+are built, a draw is one native call (csrc/sampling.cpp, `sample_row`: the processors, softmax,
+nucleus and race in one pass); elsewhere `Sampler.probs` and `race_pick` in torch and numpy. The
+two agree to fp32 rounding (tested); within a process every method and AR share one of them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastdecode.kernels import race_pick_op
+from fastdecode.kernels import race_pick_op, sample_row_op
 
 
 @dataclass
@@ -96,14 +98,19 @@ def race_uniform(seed: int, index: int, tokens: np.ndarray) -> np.ndarray:
     return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
 
 
+def _int64(seed: int) -> int:
+    """The seed's low 64 bits as a signed int64 (what the native ops take)."""
+    low = seed % 2**64
+    return low - 2**64 if low >= 2**63 else low
+
+
 def race_pick(probs: np.ndarray, seed: int, index: int) -> int:
     """argmax over the tokens of nonzero probability of p / E, E = -log(race_uniform): an exact
     draw from `probs` (float32 [vocab]); ties go to the lowest id. The native op gives the same
     token and is ~10x faster over a whole vocabulary."""
     op = race_pick_op()
     if op is not None:
-        signed = seed % 2**64 - (2**64 if seed % 2**64 >= 2**63 else 0)  # the same 64 bits as an int64
-        token = op(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)), signed, index)
+        token = op(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)), _int64(seed), index)
     else:
         support = np.flatnonzero(probs > 0)
         token = -1 if not len(support) else int(support[
@@ -199,7 +206,7 @@ class Sampler:
         guess the target's pick; ahead = 0 with the target's logits is `sample`."""
         if self.params.greedy:
             return int(self._penalized(logits).numpy().argmax())
-        return race_pick(self.probs(logits).numpy(), self.seed, self.count + ahead)
+        return self._draw(logits, ahead)[0]
 
     def draft_with_prob(self, logits: torch.Tensor, ahead: int) -> tuple[int, float]:
         """`draft`, and the probability `logits` give that token after processing (a drafter's
@@ -208,9 +215,21 @@ class Sampler:
             logits = self._penalized(logits)
             token = int(logits.numpy().argmax())
             return token, float(torch.softmax(logits, -1)[token])
-        probs = self.probs(logits).numpy()
-        token = race_pick(probs, self.seed, self.count + ahead)
-        return token, float(probs[token])
+        return self._draw(logits, ahead)
+
+    def _draw(self, logits: torch.Tensor, ahead: int) -> tuple[int, float]:
+        """The seeded draw at output index count + ahead, and its probability after processing."""
+        op = sample_row_op()
+        if op is None:
+            probs = self.probs(logits).numpy()
+            token = race_pick(probs, self.seed, self.count + ahead)
+            return token, float(probs[token])
+        p = self.params
+        row = self._penalized(logits).float().contiguous()
+        token, prob = op(row, p.temperature, p.top_k, p.top_p, p.min_p, NUCLEUS_CUT, _int64(self.seed), self.count + ahead)
+        if token < 0:
+            raise ValueError("no token has a nonzero probability")
+        return token, prob
 
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,48 @@ def test_native_draw_equals_the_numpy_one(monkeypatch: pytest.MonkeyPatch) -> No
     assert [sampling.race_pick(p, seed, i) for p, seed, i in cases] == native
     with pytest.raises(ValueError, match="nonzero probability"):
         sampling.race_pick(np.zeros(4, dtype=np.float32), 0, 0)
+
+
+def test_native_draw_from_logits_equals_probs_then_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/sampling.cpp's sample_row (the processors, softmax, nucleus and race in one call) picks
+    the token Sampler.probs + race_pick pick, with the same probability to fp32 rounding: every
+    processor alone and together, vocabularies not a multiple of 8, -inf logits, ties at the top_k
+    edge, the nucleus's all-token fallback (flat rows) and near-one-hot rows."""
+    import numpy as np
+
+    from fastdecode import kernels, sampling
+
+    if kernels.sample_row_op() is None:
+        pytest.skip("the kernels are not built on this machine")
+    settings = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0), dict(temperature=0.8, top_k=50),
+                dict(temperature=1.3, top_p=0.95, min_p=0.05), dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.1),
+                dict(temperature=2.0, top_p=0.3), dict(temperature=1.0, top_k=300), dict(temperature=1.0, top_p=0.999)]
+    rng = np.random.default_rng(1)
+    cases = []
+    for trial in range(96):
+        vocab = (5, 50, 1003, 49152)[trial % 4]
+        logits = torch.tensor(rng.normal(size=vocab) * (0.01, 1.0, 4.0, 30.0)[trial // 4 % 4], dtype=torch.float32)
+        if trial % 3 == 0:
+            logits[torch.from_numpy(rng.random(vocab) < 0.3)] = float("-inf")
+            logits[0] = 1.0  # one finite logit at least
+        if trial % 7 == 0:
+            logits[: min(vocab, 60)] = 2.5  # a block of ties (at the top_k edge for top_k=50)
+        params = SamplingParams(**settings[trial % len(settings)], seed=int(rng.integers(0, 2**64, dtype=np.uint64)))
+        cases.append((logits, params, int(rng.integers(0, 50))))
+    # one token holds half the mass, 49,151 tokens below NUCLEUS_CUT of it the other half: the
+    # candidates hold less than top_p, so the nucleus is sought among every token
+    tail = torch.tensor(rng.normal(size=49152) * 0.05 - 0.8, dtype=torch.float32)
+    tail[7] = 10.0
+    for seed in range(6):
+        cases.append((tail, SamplingParams(temperature=1.0, top_p=0.9, seed=seed), seed))
+
+    def draws() -> list[tuple[int, float]]:
+        return [Sampler(params, [], len(logits)).draft_with_prob(logits, ahead) for logits, params, ahead in cases]
+
+    native = draws()
+    monkeypatch.setattr(sampling, "sample_row_op", lambda: None)
+    reference = draws()
+    assert [t for t, _ in native] == [t for t, _ in reference]
+    for (_, got), (_, want) in zip(native, reference):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert len({t for t, _ in native}) > 20  # the cases do draw varied tokens

@@ -12,14 +12,21 @@
 // without its log.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "kernels.h"
 
 namespace {
 
@@ -34,35 +41,181 @@ inline uint64_t splitmix64(uint64_t z) {  // SplitMix64's finalizer (Steele et a
 
 namespace fastdecode {
 
-int64_t race_pick(const at::Tensor& probs, int64_t seed, int64_t index) {
-  TORCH_CHECK(probs.dim() == 1 && probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.is_cpu(),
-              "probs must be a contiguous float32 CPU tensor [vocab]");
-  const float* p = probs.data_ptr<float>();
-  const int64_t V = probs.size(0);
+// The race over tokens ids[0..n) with probabilities p[0..n) (ids ascending, or any order: ties
+// go to the lower id either way); -1 when none has p > 0.
+int64_t race(const int64_t* ids, const float* p, int64_t n, int64_t seed, int64_t index) {
   const uint64_t key = splitmix64(static_cast<uint64_t>(seed) ^ splitmix64(static_cast<uint64_t>(index)));
   auto uniform = [key](int64_t t) {  // in (0, 1), 53 bits
     const uint64_t bits = splitmix64(key ^ (static_cast<uint64_t>(t) * 0x94D049BB133111EBull));
     return (static_cast<double>(bits >> 11) + 0.5) / 9007199254740992.0;
   };
+  auto id = [ids](int64_t i) { return ids != nullptr ? ids[i] : i; };
   int64_t best = -1;
   double top = 0.0;  // the best score so far
-  auto consider = [&](int64_t t, double u) {
-    const double score = static_cast<double>(p[t]) / -std::log(u);
-    if (best < 0 || score > top || (score == top && t < best)) best = t, top = score;
+  auto consider = [&](int64_t i, double u) {
+    const double score = static_cast<double>(p[i]) / -std::log(u);
+    if (best < 0 || score > top || (score == top && id(i) < id(best))) best = i, top = score;
   };
   int64_t first = 0;  // start from the most likely token: a high bar skips most logs
-  for (int64_t t = 1; t < V; ++t)
-    if (p[t] > p[first]) first = t;
-  if (!(p[first] > 0.0f)) return -1;  // no token has probability (the caller raises)
-  consider(first, uniform(first));
-  for (int64_t t = 0; t < V; ++t) {
-    if (!(p[t] > 0.0f) || t == first) continue;
-    const double u = uniform(t);
+  for (int64_t i = 1; i < n; ++i)
+    if (p[i] > p[first]) first = i;
+  if (n == 0 || !(p[first] > 0.0f)) return -1;  // no token has probability (the caller raises)
+  consider(first, uniform(id(first)));
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(p[i] > 0.0f) || i == first) continue;
+    const double u = uniform(id(i));
     // score <= p / (1 - u): skip when even that bound (with room for rounding) is below the bar
-    if (static_cast<double>(p[t]) < top * (1.0 - u) * (1.0 - 1e-9)) continue;
-    consider(t, u);
+    if (static_cast<double>(p[i]) < top * (1.0 - u) * (1.0 - 1e-9)) continue;
+    consider(i, u);
   }
-  return best;
+  return best < 0 ? -1 : id(best);
+}
+
+int64_t race_pick(const at::Tensor& probs, int64_t seed, int64_t index) {
+  TORCH_CHECK(probs.dim() == 1 && probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.is_cpu(),
+              "probs must be a contiguous float32 CPU tensor [vocab]");
+  return race(nullptr, probs.data_ptr<float>(), probs.size(0), seed, index);
+}
+
+// The k-th largest of x[0..V) (1 <= k <= V; NaNs never count). Up to 256: the k best so far kept
+// sorted, 8 values at a time skipped unless one beats the k-th (as top_k_rows); past that, a
+// selection over a copy.
+float kth_largest(const float* x, int64_t V, int64_t k) {
+  if (k > 256) {
+    std::vector<float> copy;
+    copy.reserve(V);
+    for (int64_t i = 0; i < V; ++i)
+      if (x[i] == x[i]) copy.push_back(x[i]);
+    if (static_cast<int64_t>(copy.size()) < k) return -std::numeric_limits<float>::infinity();
+    std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
+    return copy[k - 1];
+  }
+  std::vector<float> top;  // descending
+  top.reserve(k + 1);
+  auto insert = [&](float v) {
+    if (!(v == v) || (static_cast<int64_t>(top.size()) == k && !(v > top.back()))) return;
+    top.insert(std::upper_bound(top.begin(), top.end(), v, std::greater<float>()), v);
+    if (static_cast<int64_t>(top.size()) > k) top.pop_back();
+  };
+  int64_t i = 0;
+  for (; i < V && static_cast<int64_t>(top.size()) < k; ++i) insert(x[i]);
+  for (; i + 8 <= V; i += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(top.back()), _CMP_GT_OQ));
+    while (mask) {
+      insert(x[i + __builtin_ctz(mask)]);
+      mask &= mask - 1;
+    }
+  }
+  for (; i < V; ++i) insert(x[i]);
+  return static_cast<int64_t>(top.size()) < k ? -std::numeric_limits<float>::infinity() : top.back();
+}
+
+// Sampler.probs and race_pick (sampling.py) in one call, without torch's per-op costs:
+// x = logits / temperature; top_k keeps the x at least the k-th largest; p = softmax(x) (exp8,
+// ~2 ulp; a -inf logit gets exactly 0); top_p keeps the nucleus as _top_p does (the candidates
+// of p >= nucleus_cut times the best, sorted best first and lower id first, their fp32 mass
+// summed in that order; every token of nonzero probability when the candidates hold less than
+// top_p); min_p drops p below min_p times the best; the rest is renormalized and raced.
+// Returns (token, its probability after all that), or (-1, 0) when no token is left.
+std::tuple<int64_t, double> sample_row(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
+                                       double min_p, double nucleus_cut, int64_t seed, int64_t index) {
+  TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.is_cpu(),
+              "logits must be a contiguous float32 CPU tensor [vocab]");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  const float* l = logits.data_ptr<float>();
+  const int64_t V = logits.size(0), V8 = V & ~int64_t(7);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m256 vninf = _mm256_set1_ps(ninf);
+  std::unique_ptr<float[]> buf(new float[V]);  // x, then p, then (dense) q
+  float* p = buf.get();
+  // x = l / T, and its max
+  const __m256 vt = _mm256_set1_ps(static_cast<float>(temperature));
+  __m256 vmx = vninf;
+  for (int64_t i = 0; i < V8; i += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(l + i), vt);
+    _mm256_storeu_ps(p + i, x);
+    vmx = _mm256_max_ps(vmx, x);
+  }
+  float mx = ninf;
+  for (int64_t i = V8; i < V; ++i) mx = std::max(mx, p[i] = l[i] / static_cast<float>(temperature));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmx);
+  for (float v : lanes) mx = std::max(mx, v);
+  if (mx == ninf) return {-1, 0.0};
+  const float kth = top_k > 0 && top_k < V ? kth_largest(p, V, top_k) : ninf;
+  // p = e^(x - max) / sum over the x >= kth
+  const __m256 vm = _mm256_set1_ps(mx), vk = _mm256_set1_ps(kth);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // the sum in doubles: 49k terms
+  for (int64_t i = 0; i < V8; i += 8) {
+    const __m256 x = _mm256_loadu_ps(p + i);
+    const __m256 live = _mm256_and_ps(_mm256_cmp_ps(x, vninf, _CMP_NEQ_OQ), _mm256_cmp_ps(x, vk, _CMP_GE_OQ));
+    const __m256 e = _mm256_and_ps(fastdecode::exp8(_mm256_sub_ps(x, vm)), live);
+    _mm256_storeu_ps(p + i, e);
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double halves[4];
+  _mm256_store_pd(halves, _mm256_add_pd(lo, hi));
+  double total_e = (halves[0] + halves[2]) + (halves[1] + halves[3]);
+  for (int64_t i = V8; i < V; ++i) {
+    p[i] = p[i] == ninf || p[i] < kth ? 0.0f : std::exp(p[i] - mx);
+    total_e += p[i];
+  }
+  const float sum = static_cast<float>(total_e);
+  const __m256 vs = _mm256_set1_ps(sum);
+  __m256 vbest = _mm256_setzero_ps();
+  for (int64_t i = 0; i < V8; i += 8) {
+    const __m256 q = _mm256_div_ps(_mm256_loadu_ps(p + i), vs);
+    _mm256_storeu_ps(p + i, q);
+    vbest = _mm256_max_ps(vbest, q);
+  }
+  float best = 0.0f;
+  for (int64_t i = V8; i < V; ++i) best = std::max(best, p[i] /= sum);
+  _mm256_store_ps(lanes, vbest);
+  for (float v : lanes) best = std::max(best, v);
+  const float floor = min_p > 0 ? static_cast<float>(min_p) * best : 0.0f;
+  if (top_p >= 1.0) {  // every token of nonzero probability: min_p, renormalize, race in place
+    double total = 0.0;
+    for (int64_t i = 0; i < V; ++i) total += (p[i] = p[i] < floor ? 0.0f : p[i]);
+    const float t = static_cast<float>(total);
+    for (int64_t i = 0; i < V; ++i) p[i] /= t;
+    const int64_t token = race(nullptr, p, V, seed, index);
+    return token < 0 ? std::make_tuple(int64_t(-1), 0.0) : std::make_tuple(token, static_cast<double>(p[token]));
+  }
+  // the nucleus: candidates (ids ascending) by p, best first, stable
+  std::vector<int64_t> ids, kept;
+  auto candidates = [&](float at_least, bool every) {
+    ids.clear();
+    const __m256 va = _mm256_set1_ps(at_least);
+    for (int64_t i = 0; i < V8; i += 8) {
+      const __m256 q = _mm256_loadu_ps(p + i);
+      int mask = _mm256_movemask_ps(every ? _mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_GT_OQ)
+                                          : _mm256_cmp_ps(q, va, _CMP_GE_OQ));
+      while (mask) {
+        ids.push_back(i + __builtin_ctz(mask));
+        mask &= mask - 1;
+      }
+    }
+    for (int64_t i = V8; i < V; ++i)
+      if (every ? p[i] > 0.0f : p[i] >= at_least) ids.push_back(i);
+    std::stable_sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+    float mass = 0.0f;
+    kept.clear();
+    for (size_t r = 0; r < ids.size(); ++r) {
+      if (r == 0 || mass < static_cast<float>(top_p)) kept.push_back(ids[r]);  // the mass before it < top_p
+      mass += p[ids[r]];
+    }
+    return every || mass >= static_cast<float>(top_p);
+  };
+  if (!candidates(best * static_cast<float>(nucleus_cut), false)) candidates(0.0f, true);
+  std::sort(kept.begin(), kept.end());
+  std::vector<float> q(kept.size());
+  float total = 0.0f;
+  for (size_t r = 0; r < kept.size(); ++r) total += (q[r] = p[kept[r]] < floor ? 0.0f : p[kept[r]]);
+  for (float& v : q) v /= total;
+  const int64_t token = race(kept.data(), q.data(), static_cast<int64_t>(kept.size()), seed, index);
+  if (token < 0) return {-1, 0.0};
+  return {token, static_cast<double>(q[std::lower_bound(kept.begin(), kept.end(), token) - kept.begin()])};
 }
 
 // Indices of the k largest entries of every row of x [n, V], largest first; among equal values
@@ -121,9 +274,12 @@ at::Tensor top_k_rows(const at::Tensor& x, int64_t k) {
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("race_pick(Tensor probs, int seed, int index) -> int");
   m.def("top_k_rows(Tensor x, int k) -> Tensor");
+  m.def("sample_row(Tensor logits, float temperature, int top_k, float top_p, float min_p, float nucleus_cut, "
+        "int seed, int index) -> (int, float)");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("race_pick", &fastdecode::race_pick);
   m.impl("top_k_rows", &fastdecode::top_k_rows);
+  m.impl("sample_row", &fastdecode::sample_row);
 }
