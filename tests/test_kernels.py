@@ -364,17 +364,17 @@ def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int)
 
 @pytest.mark.parametrize("hd", [16, 64, 128])
 @pytest.mark.parametrize("length", [36, 37])
-def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, hd: int) -> None:
+@pytest.mark.parametrize("nodes,chain", [([-1, 0, 0, 2, 2, 4, 3, 5], [0, 2, 4, 5]), ([-1, 0, 0], [0, 2]), ([-1, 0], [0, 1])])
+def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, hd: int, nodes: list[int],
+                                                                   chain: list[int]) -> None:
     """Over a bf16 cache (vdpbf16ps scores) a chain token in a tree, its ancestors spread among
     siblings' masked slots, gets the bits of the same token in one-token forwards, its ancestors
-    compacted, for odd and even cache lengths."""
+    compacted, for odd and even cache lengths and trees of 2, 3 and 8 tokens."""
     if kernels.attention_isa() != "avx512bf16":
         pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()
     heads, kv_heads = 4, 2
-    nodes = [-1, 0, 0, 2, 2, 4, 3, 5]  # parents; the chain is 0, 2, 4, 5 (siblings between)
-    chain = [0, 2, 4, 5]
-    n = len(nodes)
+    n = len(nodes)  # nodes: parents; chain: a root-to-leaf path (siblings between its nodes)
     qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=length + hd)
     k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
     depth = [0] * n
