@@ -157,9 +157,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
   // A task: the heads of one KV group x up to 4 tokens. Its queries go over the group's keys
   // block by block and share each loaded row of values.
   const int64_t hp = group;
-  // at least 2 tiles from n = 2: with 3 KV groups, 3 tasks keep one of 2 threads idle half the
-  // time; 6 do not (over 1,200 slots, warm: 3 tokens 39.2 -> 34.5 us, 4 tokens 48.5 -> 45.0)
-  const int64_t tiles = std::max<int64_t>((n + 3) / 4, std::min<int64_t>(n, 2)), tt = (n + tiles - 1) / tiles;
+  const int64_t tiles = (n + 3) / 4, tt = (n + tiles - 1) / tiles;
   const int64_t tasks = heads / hp * tiles, nq_max = hp * tt;
   const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
