@@ -129,7 +129,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   TORCH_CHECK(width % (heads + 2 * kv_heads) == 0, "qkv width ", width, " is not (heads + 2 * kv_heads) * head_dim");
   const int64_t hd = width / (heads + 2 * kv_heads);
   TORCH_CHECK(hd % 2 == 0, "head_dim = ", hd, " must be even");
-  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;  // bf16 caches: the AVX512 core only
+  const bool bf16 = cache_k.scalar_type() == at::kBFloat16;  // bf16 caches: the AVX512-BF16 core only
   for (const at::Tensor* c : {&cache_k, &cache_v})
     TORCH_CHECK(c->dim() == 4 && c->scalar_type() == (bf16 ? at::kBFloat16 : at::kFloat) && c->is_contiguous() &&
                     c->size(1) == kv_heads && c->size(3) == hd,
