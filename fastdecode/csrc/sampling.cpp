@@ -3,8 +3,9 @@
 // t). That is the exponential race, the Gumbel-max trick without its second log: an exact draw
 // from p. Ties go to the lowest token id. sampling.py holds the same formula in numpy, bit for
 // bit (IEEE doubles and libm's log), for machines without the kernels.
-// Registered as torch.ops.fastdecode_kernels.race_pick; also top_k_rows (the k largest logits of
-// each row, for Token Recycling's update), below.
+// Registered as torch.ops.fastdecode_kernels.race_pick (the race over given probabilities) and
+// sample_row (the logits processors and the race in one call, what Sampler uses); also top_k_rows
+// (the k largest logits of each row, for Token Recycling's update), below.
 //
 // Why native: over a whole vocabulary (temperature 1 without top-k/top-p, the API's default) the
 // numpy draw took ~2 ms a token. Here the hash costs a few ns per token and most logs are skipped:
@@ -41,6 +42,8 @@ inline uint64_t splitmix64(uint64_t z) {  // SplitMix64's finalizer (Steele et a
 
 namespace fastdecode {
 
+namespace {
+
 // The race over tokens ids[0..n) with probabilities p[0..n) (ids ascending, or any order: ties
 // go to the lower id either way); -1 when none has p > 0.
 int64_t race(const int64_t* ids, const float* p, int64_t n, int64_t seed, int64_t index) {
@@ -71,11 +74,15 @@ int64_t race(const int64_t* ids, const float* p, int64_t n, int64_t seed, int64_
   return best < 0 ? -1 : id(best);
 }
 
+}  // namespace
+
 int64_t race_pick(const at::Tensor& probs, int64_t seed, int64_t index) {
   TORCH_CHECK(probs.dim() == 1 && probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.is_cpu(),
               "probs must be a contiguous float32 CPU tensor [vocab]");
   return race(nullptr, probs.data_ptr<float>(), probs.size(0), seed, index);
 }
+
+namespace {
 
 // The k-th largest of x[0..V) (1 <= k <= V; NaNs never count). Up to 256: the k best so far kept
 // sorted, 8 values at a time skipped unless one beats the k-th (as top_k_rows); past that, a
@@ -109,6 +116,8 @@ float kth_largest(const float* x, int64_t V, int64_t k) {
   for (; i < V; ++i) insert(x[i]);
   return static_cast<int64_t>(top.size()) < k ? -std::numeric_limits<float>::infinity() : top.back();
 }
+
+}  // namespace
 
 // Sampler.probs and race_pick (sampling.py) in one call, without torch's per-op costs:
 // x = logits / temperature; top_k keeps the x at least the k-th largest; p = softmax(x) (exp8,
