@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode import kernels
+from fastdecode.tree import DraftTree
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -374,24 +375,19 @@ def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, h
         pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()
     heads, kv_heads = 4, 2
-    n = len(nodes)  # nodes: parents; chain: a root-to-leaf path (siblings between its nodes)
+    n = len(nodes)  # nodes: each input row's parent row (row 0 the root); chain: a root-to-leaf path
     qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=length + hd)
     k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
-    depth = [0] * n
-    mask = torch.zeros(n, length + n, dtype=torch.bool)
-    mask[:, :length] = True
-    for i, parent in enumerate(nodes):
-        mask[i, length + i] = True
-        if parent >= 0:
-            mask[i, length:] |= mask[parent, length:]
-            depth[i] = depth[parent] + 1
-    rots = rot[torch.tensor(depth)].contiguous()  # a node's angle follows its depth
-    tree = op(qkv, k.clone(), v.clone(), 1, length, rots, mask, heads, kv_heads)
+    tree = DraftTree([0] * (n - 1), [parent - 1 for parent in nodes[1:]])  # the engine's own mask and depths
+    mask = torch.ones(n, length + n, dtype=torch.bool)
+    mask[:, length:] = tree.ancestor_mask()
+    rots = rot[torch.tensor(tree.depths())].contiguous()  # a node's angle follows its depth
+    together = op(qkv, k.clone(), v.clone(), 1, length, rots, mask, heads, kv_heads)
     k_ar, v_ar = k.clone(), v.clone()
     for step, row in enumerate(chain):
         alone = op(qkv[row : row + 1].contiguous(), k_ar, v_ar, 1, length + step, rots[row : row + 1].contiguous(),
                    None, heads, kv_heads)
-        assert torch.equal(alone[0], tree[row]), f"chain token {step} differs from its one-token forward"
+        assert torch.equal(alone[0], together[row]), f"chain token {step} differs from its one-token forward"
 
 
 def test_attention_kv_cache_dtype_follows_the_core() -> None:
