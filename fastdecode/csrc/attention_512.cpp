@@ -83,9 +83,10 @@ inline __m512 reduce16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-// dst[0..16) = scores of query q against the 16 keys at k (rows of 16 * C floats).
-template <int C, typename T>
-inline void scores16(const float* q, const T* k, float scale, float* dst) {
+// dst[0..16) = scores of query q against the 16 keys at k (rows of 16 * C floats; a bf16 cache
+// is scored by scores16_bf16 below).
+template <int C>
+inline void scores16(const float* q, const float* k, float scale, float* dst) {
   __m512 qv[C], acc[16];
   for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
 #pragma GCC unroll 16
@@ -193,7 +194,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
             if constexpr (kBf16)
               scores16_bf16<C>(qb.data() + a * qs, kj, scale, score.data() + a * stride + j);
             else
-              scores16<C, T>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
+              scores16<C>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
           }
         }
       // Softmax numerators: masked slots and slots past a query's end become exact zeros.
