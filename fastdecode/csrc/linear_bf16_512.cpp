@@ -12,9 +12,10 @@
 // Tiling: a register tile of R weight rows x T tokens walks the whole of K. T <= 8 (the n tokens
 // in equal-as-can-be pieces) and R as large as the 32 registers allow (R x T accumulators, R
 // weights, 1 activation): 8 rows for 1-2 tokens, 3 for 7-8. Fewer, taller tiles load each weight
-// row fewer times; against 4 x 4 tiles this took the 30 layers' linears of a 16-token tree from
-// 7.32 to 6.53 ms and a 1,000-token prefill from 0.50 to 0.48 s, and left 1-9 tokens unchanged
-// within noise. Row chunks stay in L2 while the token chunks run over them. A K % 32 tail loads its weights masked and reads
+// row fewer times. Against 4 x 4 tiles: the 30 layers' linears of a 16-token tree 7.32 -> 6.53
+// ms, a 1,000-token prefill 0.50 -> 0.48 s; in place (14 Spec-Bench prompts, the old and new
+// tiles interleaved in one process) greedy `auto` +6.9 % and +5.0 % in two runs, `ar` +1.8 %
+// and +0.8 %; sampled `auto` +2.8 %, `ar` +2.3 %. Row chunks stay in L2 while the token chunks run over them. A K % 32 tail loads its weights masked and reads
 // the activations' zero padding. Every output element is one accumulator's fixed sequence of
 // vdpbf16ps over K followed by one fixed horizontal sum, so a row's result does not depend on n,
 // the tile it falls in or the thread count.
