@@ -1,6 +1,7 @@
 """The benchmark: prompt loading, the report from synthetic records, and one quick real run."""
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from fastdecode.bench.data import (
 from fastdecode.bench.report import OVERALL, markdown_report, plot_speedup, summarize
 from fastdecode.bench.data import BenchPrompt
 from fastdecode.bench.peers import Generation
-from fastdecode.bench.run import rotated, run_interleaved
+from fastdecode.bench.run import freeze_heap, rotated, run_interleaved
 from fastdecode.weights import default_model_path
 
 SPEC_BENCH = resolve_data_path(DEFAULT_SPEC_BENCH)
@@ -191,3 +192,18 @@ def test_sampling_with_peers_is_refused(capsys: pytest.CaptureFixture[str]) -> N
     args = build_parser().parse_args(["--data", BUILTIN, "--peers", "hf", "--temperature", "0.5"])
     assert run_bench(args) == 2
     assert "--temperature=0.5" in capsys.readouterr().err
+
+
+def test_freeze_heap_moves_live_objects_out_of_the_collectors_reach() -> None:
+    """After the warm-up the bench freezes the heap, so full collections walk only what the runs
+    allocate, not every runner's models and state."""
+    class Live:
+        pass
+
+    live = Live()
+    try:
+        freeze_heap()
+        assert not any(obj is live for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()
+    assert any(obj is live for obj in gc.get_objects())

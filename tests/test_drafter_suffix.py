@@ -3,6 +3,7 @@ drafts follow the most frequent continuations within the budget, the global trie
 earlier outputs within its cap, and the engine stays exactly AR with it."""
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
@@ -156,6 +157,28 @@ def test_bad_datastores_are_refused_by_name(tmp_path, content, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         load_datastore(path, lambda text: [], 100)
     assert str(path) in str(err.value)
+    assert gc.isenabled()  # the collector, paused for the build, runs again
+
+
+def test_datastore_is_built_with_the_collector_paused_then_frozen(tmp_path, monkeypatch) -> None:
+    """The collector is off while the trie grows and on afterwards; the finished trie is in the
+    permanent generation (full collections never walk it), and a paused collector stays paused."""
+    seen = []
+    real_extend = SuffixTrie.extend
+    monkeypatch.setattr(SuffixTrie, "extend", lambda self, ids: (seen.append(gc.isenabled()), real_extend(self, ids)))
+    path = _write(tmp_path / "c.jsonl", "".join(json.dumps({"ids": [1, 2, 3, k]}) + "\n" for k in range(4, 9)))
+    try:
+        trie = load_datastore(path, lambda text: [], 100)
+        assert seen == [False] * 5 and gc.isenabled()
+        assert not any(obj is trie.root for obj in gc.get_objects())  # frozen objects are in no generation
+        gc.unfreeze()
+        assert any(obj is trie.root for obj in gc.get_objects())
+        gc.disable()
+        load_datastore(path, lambda text: [], 100)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fastdecode.bench.report import markdown_report, plot_speedup, summarize
-    from fastdecode.bench.run import machine_info, run_interleaved, warm_up
+    from fastdecode.bench.run import freeze_heap, machine_info, run_interleaved, warm_up
     from fastdecode.roofline import roofline
 
     if args.max_new_tokens < 1 or args.warmup < 0:
@@ -101,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or Path("bench_out") / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     warm_up(runners, llm, args.warmup, args.max_new_tokens)
+    freeze_heap()
     # every record is appended here as it is made: a run cut off midway keeps what it measured
     with open(out_dir / "records.partial.jsonl", "w", encoding="utf-8") as log:
         def keep(record: dict) -> None:

@@ -10,6 +10,7 @@ One record per (prompt, runner), with a list of turn records; `report.py` aggreg
 """
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import os
 import platform
@@ -74,6 +75,17 @@ def warm_up(runners: list[Runner], llm: LLM, rounds: int, max_new_tokens: int) -
     for _ in range(rounds):
         for runner in runners:
             runner.generate(ids, min(max_new_tokens, WARMUP_MAX_TOKENS))
+
+
+def freeze_heap() -> None:
+    """Collect garbage, then move every object alive (models, tokenizers, every runner's state)
+    to the collector's permanent generation, as vLLM's engine does after start-up. A full pass of
+    the cyclic collector otherwise walks the whole shared heap during whichever runner happens to
+    allocate: in an interleaved run of `ar`, `aded`, `auto` and `suffix` over translation
+    prompts, `auto`'s proposals took 0.71 ms a step against 0.18 ms once the heap was frozen
+    (ad-hoc timing of each call); a process running one method has far less heap to walk."""
+    gc.collect()
+    gc.freeze()
 
 
 def rotated(runners: list[Runner], index: int) -> list[Runner]:
