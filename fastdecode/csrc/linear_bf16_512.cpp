@@ -15,10 +15,11 @@
 // row fewer times. Against 4 x 4 tiles: the 30 layers' linears of a 16-token tree 7.32 -> 6.53
 // ms, a 1,000-token prefill 0.50 -> 0.48 s; in place (14 Spec-Bench prompts, the old and new
 // tiles interleaved in one process) greedy `auto` +6.9 % and +5.0 % in two runs, `ar` +1.8 %
-// and +0.8 %; sampled `auto` +2.8 %, `ar` +2.3 %. Row chunks stay in L2 while the token chunks run over them. A K % 32 tail loads its weights masked and reads
-// the activations' zero padding. Every output element is one accumulator's fixed sequence of
-// vdpbf16ps over K followed by one fixed horizontal sum, so a row's result does not depend on n,
-// the tile it falls in or the thread count.
+// and +0.8 %; sampled `auto` +2.8 %, `ar` +2.3 %. Row chunks stay in L2 while the token chunks
+// run over them. A K % 32 tail loads its weights masked and reads the activations' zero padding.
+// Every output element is one accumulator's fixed sequence of vdpbf16ps over K followed by one
+// fixed horizontal sum, so a row's result does not depend on n, the tile it falls in or the
+// thread count.
 //
 // The functions are compiled for AVX512 by the pragma below while the rest of the extension
 // stays AVX2; bf16_linear calls them only when the CPU reports avx512bf16 (see has_avx512bf16).

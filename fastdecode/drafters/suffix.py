@@ -280,7 +280,7 @@ def load_datastore(path: str | Path, encode: Callable[[str], list[int]], vocab_s
     trie = SuffixTrie(MAX_PATTERN + MAX_DRAFT_DEPTH)
     documents = 0
     gc.collect()
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         for n, ids in enumerate(_documents(path, encode), 1):
@@ -292,7 +292,7 @@ def load_datastore(path: str | Path, encode: Callable[[str], list[int]], vocab_s
                 trie.close_document()
                 documents += 1
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
     if not documents:
         raise ValueError(f"datastore {path} holds no documents")
