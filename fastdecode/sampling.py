@@ -231,7 +231,6 @@ class Sampler:
             raise ValueError("no token has a nonzero probability")
         return token, prob
 
-
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         logits = logits[: self.vocab_size]
