@@ -1,6 +1,8 @@
 """Preallocated KV storage for one sequence.
 
-Layout: `k[layer, kv_head, slot, head_dim]` (same for `v`), allocated once up to `max_len`.
+Layout: `k[layer, kv_head, slot, head_dim]` (same for `v`), allocated once up to `max_len`; a
+bf16 cache's keys are blocked by 16 slots and its values paired instead (`blocked_keys`,
+`paired_values`; `keys()` and `values()` give them as rows).
 `length` counts committed slots. A forward writes its n new entries into the *pending* slots
 `[length, length + n)` without committing them; the engine then either commits them all
 (`append(n)`: prefill, plain decoding) or keeps only the accepted draft path (`keep(indices)`),
@@ -21,9 +23,57 @@ class ContextLengthError(ValueError):
     """A sequence would not fit in the preallocated cache."""
 
 
+KEY_BLOCK = 16  # slots per block of a bf16 cache's keys (csrc/kernels.h: key_offset)
+VALUE_BLOCK = 2  # and of its values (value_offset)
+
+
+def _blocked(t: torch.Tensor, block: int, unit: int) -> torch.Tensor:
+    """Rows `[..., slots, hd]` -> blocks of `block` slots, `unit` features of each slot side by side."""
+    *lead, slots, hd = t.shape
+    return t.reshape(*lead, slots // block, block, hd // unit, unit).transpose(-3, -2).reshape(t.shape)
+
+
+def _rows(t: torch.Tensor, block: int, unit: int) -> torch.Tensor:
+    *lead, slots, hd = t.shape
+    return t.reshape(*lead, slots // block, hd // unit, block, unit).transpose(-3, -2).reshape(t.shape)
+
+
+def blocked_keys(k: torch.Tensor) -> torch.Tensor:
+    """Keys `[..., slots, hd]` in slot rows -> the bf16 cache's layout (a copy of the same shape): per
+    block of 16 slots, feature pair (2w, 2w + 1) of its 16 slots side by side, pairs outermost."""
+    return _blocked(k, KEY_BLOCK, 2)
+
+
+def key_rows(k: torch.Tensor) -> torch.Tensor:
+    """The inverse of `blocked_keys`: a bf16 cache's keys as `[..., slots, hd]` rows (a copy)."""
+    return _rows(k, KEY_BLOCK, 2)
+
+
+def paired_values(v: torch.Tensor) -> torch.Tensor:
+    """Values `[..., slots, hd]` in slot rows -> the bf16 cache's layout: slots 2m and 2m + 1 side by
+    side, feature by feature."""
+    return _blocked(v, VALUE_BLOCK, 1)
+
+
+def value_rows(v: torch.Tensor) -> torch.Tensor:
+    """The inverse of `paired_values` (a copy)."""
+    return _rows(v, VALUE_BLOCK, 1)
+
+
+def _move(t: torch.Tensor, block: int, unit: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy slots `src` to slots `dst` of a blocked cache tensor `[layers, heads, slots, hd]`."""
+    layers, heads, slots, hd = t.shape
+    tb = t.view(layers, heads, slots // block, hd // unit, block, unit)  # slot s: (s // block, :, s % block)
+    tb[:, :, dst // block, :, dst % block] = tb[:, :, src // block, :, src % block]
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> None:
-        shape = (num_layers, num_kv_heads, max_len, head_dim)
+        # a bf16 cache's keys are blocked and its values paired (blocked_keys, paired_values: the
+        # AVX512-BF16 attention core's vdpbf16ps layouts): its storage has whole blocks
+        self.blocked = dtype == torch.bfloat16
+        slots = -(-max_len // KEY_BLOCK) * KEY_BLOCK if self.blocked else max_len
+        shape = (num_layers, num_kv_heads, slots, head_dim)
         # uninitialized: only written slots are ever read, and untouched pages cost no memory
         # (zeroing SmolLM2's 8192-slot cache took ~0.3 s, paid by every request that got a new one)
         self.k = torch.empty(shape, dtype=dtype)
@@ -40,11 +90,26 @@ class KVCache:
             )
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store pending k/v `[kv_heads, n, head_dim]`; return the layer's keys/values so far."""
+        """Store pending k/v `[kv_heads, n, head_dim]`; return the layer's keys/values so far (the
+        torch attention path; its keys as rows also when they are blocked)."""
         end = self.length + k.shape[1]
-        self.k[layer, :, self.length : end] = k
-        self.v[layer, :, self.length : end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        if not self.blocked:
+            self.k[layer, :, self.length : end] = k
+            self.v[layer, :, self.length : end] = v
+            return self.k[layer, :, :end], self.v[layer, :, :end]
+        keys, values = key_rows(self.k[layer]), value_rows(self.v[layer])
+        keys[:, self.length : end] = k
+        values[:, self.length : end] = v
+        self.k[layer], self.v[layer] = blocked_keys(keys), paired_values(values)
+        return keys[:, :end], values[:, :end]
+
+    def keys(self) -> torch.Tensor:
+        """All keys as `[layers, kv_heads, slots, head_dim]` rows (a view, or a copy when blocked)."""
+        return key_rows(self.k) if self.blocked else self.k
+
+    def values(self) -> torch.Tensor:
+        """All values as rows, like `keys()`."""
+        return value_rows(self.v) if self.blocked else self.v
 
     def append(self, n: int) -> None:
         """Commit all n pending entries."""
@@ -61,8 +126,13 @@ class KVCache:
         if indices != list(range(n)):  # a prefix is already in place
             src = torch.tensor(indices, dtype=torch.long) + self.length
             dst = slice(self.length, self.length + n)
-            self.k[:, :, dst] = self.k.index_select(2, src)
-            self.v[:, :, dst] = self.v.index_select(2, src)
+            if not self.blocked:
+                self.k[:, :, dst] = self.k.index_select(2, src)
+                self.v[:, :, dst] = self.v.index_select(2, src)
+            else:
+                to = torch.arange(self.length, self.length + n)
+                _move(self.k, KEY_BLOCK, 2, src, to)
+                _move(self.v, VALUE_BLOCK, 1, src, to)
         self.length += n
 
     def truncate(self, n: int) -> None:

@@ -439,10 +439,11 @@ def build_model(
 
 def kv_cache_dtype(dtype: str, head_dim: int) -> torch.dtype:
     """The KV cache's storage: bfloat16 for the bf16 / int8 / int4 models where the AVX512 attention
-    core runs on a CPU with AVX512-BF16 (it rounds new entries once, scores bf16-rounded queries
-    against the keys by vdpbf16ps and widens values exactly), else float32. A one-token step reads
-    the whole cache (~47 MB in fp32 for SmolLM2 at 1,024 tokens), and a tree re-reads it per
-    4-token tile; bf16 halves that, and vdpbf16ps halves the score FMAs. float32 keeps an fp32
+    core runs on a CPU with AVX512-BF16 (it rounds new entries once, and takes the scores of
+    bf16-rounded queries and the values' sums weighted by bf16-rounded softmax numerators by
+    vdpbf16ps, keys and values stored in its own layouts: kv_cache.py), else float32. A one-token
+    step reads the whole cache (~47 MB in fp32 for SmolLM2 at 1,024 tokens), and a tree re-reads it
+    per 4-token tile; bf16 halves that, and vdpbf16ps halves the FMAs. float32 keeps an fp32
     cache: it is the reference the other dtypes and transformers are compared with."""
     if dtype == "float32" or attention_isa() != "avx512bf16" or head_dim not in (16, 32, 64, 128):
         return torch.float32

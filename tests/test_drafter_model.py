@@ -52,10 +52,10 @@ def test_a_draft_over_every_layer_is_always_accepted_and_leaves_the_cache_as_it_
     cache = tiny_llm.model.new_cache()
     tiny_llm.model(torch.tensor(ids), torch.arange(len(ids)), cache)
     cache.append(len(ids) - 1)  # committed: all but the root
-    keys = cache.k[:, :, : cache.length].clone()
+    keys = cache.keys()[:, :, : cache.length].clone()
     drafter.begin(ids, DraftRequest(Sampler(params, ids, tiny_llm.config.vocab_size), cache))
     assert len(drafter.propose(ids, 5)) == 5
-    assert cache.length == len(ids) - 1 and torch.equal(cache.k[:, :, : cache.length], keys)
+    assert cache.length == len(ids) - 1 and torch.equal(cache.keys()[:, :, : cache.length], keys)
 
 
 def test_a_separate_draft_model_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdecode.kv_cache import KVCache, blocked_keys, key_rows, paired_values, value_rows
 from fastdecode.model import build_model
 from fastdecode.tree import DraftTree
 from fastdecode.weights import load_checkpoint
@@ -108,3 +109,28 @@ def test_kv_cache_keep_compacts_accepted_rows_and_truncate_rolls_back(tmp_path: 
     assert cache.length == 6
     with pytest.raises(ValueError, match="truncate"):
         cache.truncate(7)
+
+
+def test_blocked_bf16_keys_keep_and_write_like_rows() -> None:
+    """A bf16 cache stores its keys in 16-slot blocks and its values in slot pairs (the AVX512-BF16
+    core's layouts): writing
+    pending rows, keeping an accepted path and reading the keys back as rows give what an fp32
+    cache holds, rounded to bf16; its storage is whole blocks."""
+    g = torch.Generator().manual_seed(5)
+    caches = [KVCache(2, 2, 16, 40, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    assert caches[1].blocked and caches[1].k.shape[2] == 48 and not caches[0].blocked
+    for step, (n, keep) in enumerate([(4, [0, 1, 2, 3]), (6, [0, 2, 5]), (20, [1, 4, 7, 16, 19])]):
+        k, v = (torch.randn(2, 2, n, 16, generator=g).bfloat16().float() for _ in range(2))
+        for cache in caches:
+            for layer in range(2):
+                keys, values = cache.write(layer, k[layer], v[layer])
+                assert torch.equal(keys[:, cache.length :].float(), k[layer]), step
+            cache.keep(keep)
+    assert caches[0].length == caches[1].length == 12
+    rows = caches[1].keys()
+    assert torch.equal(rows[:, :, :12].float(), caches[0].keys()[:, :, :12])
+    assert torch.equal(caches[1].values()[:, :, :12].float(), caches[0].values()[:, :, :12])
+    block = rows[:, :, :16]  # slots 0-15 were all written (the rest of the storage is uninitialized)
+    assert torch.equal(blocked_keys(block), caches[1].k[:, :, :16]) and torch.equal(key_rows(blocked_keys(block)), block)
+    values = caches[1].values()[:, :, :16]
+    assert torch.equal(paired_values(values), caches[1].v[:, :, :16]) and torch.equal(value_rows(paired_values(values)), values)

@@ -9,8 +9,10 @@
 //   qkv   [n, (heads + 2 * kv_heads) * hd]: q heads, then k heads, then v heads, each
 //         head's q/k features stored as (x, y) pairs of the rotation (model.py's order);
 //   cache k, v [layers, kv_heads, max_len, hd], float32, or bfloat16 on the AVX512 core of a CPU
-//         with AVX512-BF16: new entries are rounded to nearest even once; scores take the queries
-//         rounded to bf16 too, by vdpbf16ps (attention_512.cpp), and values are widened exactly;
+//         with AVX512-BF16: new entries are rounded to nearest even once, keys stored in 16-slot
+//         blocks and values in slot pairs (kernels.h: key_offset, value_offset; max_len a multiple
+//         of 16); scores take the queries rounded to bf16 too, and the weighted sums the softmax
+//         numerators, both by vdpbf16ps (attention_512.cpp);
 //   rot   [n, hd / 2, 2]: (cos, sin) of each pair's angle at each new token's position;
 //   mask  [n, length + n] bool (true = may attend), or none for causal.
 // Each (head, token) is summed in a fixed order of its own (see the tasks below), so the
@@ -24,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -104,11 +107,21 @@ void write_entries(const float* src, int64_t width, const float* rot, T* K, T* V
     for (int64_t g = 0; g < kv_heads; ++g) {
       fastdecode::rope(row + (heads + g) * hd, rot + t * hd, k.data(), hd);
       const float* v = row + (heads + kv_heads + g) * hd;
-      T* kd = K + g * head_stride + (length + t) * hd;
-      T* vd = V + g * head_stride + (length + t) * hd;
-      for (int64_t i = 0; i < hd; ++i) {
-        put(k[i], kd + i);
-        put(v[i], vd + i);
+      const int64_t slot = length + t;
+      if constexpr (std::is_same_v<T, uint16_t>) {  // keys in 16-slot blocks, values in slot pairs (kernels.h)
+        T* kg = K + g * head_stride;
+        T* vg = V + g * head_stride;
+        for (int64_t i = 0; i < hd; ++i) {
+          put(k[i], kg + fastdecode::key_offset(slot, i, hd));
+          put(v[i], vg + fastdecode::value_offset(slot, i, hd));
+        }
+      } else {
+        T* kd = K + g * head_stride + slot * hd;
+        T* vd = V + g * head_stride + slot * hd;
+        for (int64_t i = 0; i < hd; ++i) {
+          put(k[i], kd + i);
+          put(v[i], vd + i);
+        }
       }
     }
   }
@@ -138,6 +151,8 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   TORCH_CHECK(!bf16 || (has_avx512bf16() && (hd == 16 || hd == 32 || hd == 64 || hd == 128)),
               "a bfloat16 cache needs the AVX512-BF16 core and head_dim 16, 32, 64 or 128");
   const int64_t max_len = cache_k.size(2), total = length + n;
+  TORCH_CHECK(!bf16 || max_len % kKeyBlock == 0, "a bfloat16 cache's slots (", max_len, ") must be a multiple of ",
+              kKeyBlock, ": its keys are stored in blocks of ", kKeyBlock, " slots");
   TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "layer ", layer, " out of range");
   TORCH_CHECK(0 <= length && total <= max_len, "length ", length, " + n ", n, " exceeds the cache (", max_len, ")");
   TORCH_CHECK(rot.scalar_type() == at::kFloat && rot.is_contiguous() && rot.numel() == n * hd,

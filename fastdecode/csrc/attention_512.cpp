@@ -6,17 +6,21 @@
 // than its matmuls. Here a score's 16 lanes of partial sums are reduced 16 scores at a time in
 // one transposing tree (3 operations a score instead of ~6), and every vector is 16 wide.
 //
-// A query's result is a function of its own visible slots' contents, in slot order, whatever
+// A query's result is a function of its own visible slots' contents, in position order, whatever
 // the tiling, n or the thread count; and masked or extra slots add exact zeros, so a token gets
 // the same bits in a draft tree (ancestors spread among masked slots) as in a one-token forward
 // (the same ancestors compacted). Per query, fixed orders throughout:
 //   score_j = (tree-sum of 16 lanes, lane l = sum over c of q[16c + l] * k_j[16c + l] by fma in
 //             c order) * scale; over a bf16 cache (CPUs with AVX512-BF16 only) q is rounded to
-//             bf16 and lane l sums the products of features 32w + 2l + 1, then 32w + 2l, in word
-//             order w (vdpbf16ps; scores16_bf16), then the same tree-sum;
-//   p_j     = e^(score_j - max), exactly 0 where masked; the sum of p in slot order (row_sums);
-//   out     = over j in slot order, out = fma(p_j / sum, v_j, out), lane by lane (masked slots
-//             included: their p is 0, which leaves out as it was).
+//             bf16 and score_j = (sum over feature pairs w in order of the products of features
+//             2w + 1, then 2w, by vdpbf16ps) * scale, keys stored so that a vector holds one pair
+//             of 16 slots (scores_bf16): no horizontal sums;
+//   p_j     = e^(score_j - max), exactly 0 where masked (over a bf16 cache rounded to bf16); the
+//             sum of p in slot order (row_sums);
+//   out     = fp32 cache: over j in slot order, out = fma(p_j / sum, v_j, out), lane by lane
+//             (masked slots included: their p is 0, which leaves out as it was); bf16 cache:
+//             over position pairs (2m, 2m + 1) in order, out += their two p v products by
+//             vdpbf16ps, values stored in slot pairs, then out / sum (pair_values).
 // The functions are compiled for AVX512 by the pragma below; attention() calls them only when
 // the CPU has AVX512F/BW/VL (has_avx512).
 #include <immintrin.h>
@@ -35,9 +39,9 @@
 #include "kernels.h"
 
 #pragma GCC push_options
-// avx512bf16 is for the bf16 cache's scores (scores16_bf16) only: the fp32 instantiation uses no
-// BF16 instruction (this file has no __bf16 type for the compiler to convert to, and the only BF16
-// intrinsics are in scores16_bf16), so it runs on AVX512 CPUs without BF16.
+// avx512bf16 is for the bf16 cache's path only: the fp32 instantiation uses no BF16 instruction
+// (this file has no __bf16 type for the compiler to convert to, and the BF16 intrinsics are all
+// behind `if constexpr (kBf16)` or in functions only it calls), so it runs on AVX512 CPUs without BF16.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
 namespace {
@@ -84,7 +88,7 @@ inline __m512 reduce16(__m512* v) {
 }
 
 // dst[0..16) = scores of query q against the 16 keys at k (rows of 16 * C floats; a bf16 cache
-// is scored by scores16_bf16 below).
+// is scored by scores_bf16 below).
 template <int C>
 inline void scores16(const float* q, const float* k, float scale, float* dst) {
   __m512 qv[C], acc[16];
@@ -98,26 +102,64 @@ inline void scores16(const float* q, const float* k, float scale, float* dst) {
   _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
 }
 
-// The same scores for a bf16 cache: q already rounded to bf16 (32 per word, the last word
-// zero-padded when hd = 16), and each vdpbf16ps adds to lane l the products of features 2l and
-// 2l + 1 (exact: a bf16 times a bf16 fits fp32), the higher one first, rounded to nearest even;
-// then the same reduction tree. Half the FMAs of widening the keys, and no widening.
-template <int C>
-inline void scores16_bf16(const uint16_t* q, const uint16_t* k, float scale, float* dst) {
-  constexpr int W = (C + 1) / 2;  // 32-feature words per row
-  __m512bh qv[W];
-  __m512 acc[16];
-  for (int w = 0; w < W; ++w) qv[w] = (__m512bh)_mm512_loadu_si512(q + 32 * w);
-#pragma GCC unroll 16
-  for (int s = 0; s < 16; ++s) {
-    const uint16_t* ks = k + s * 16 * C;
-    const __m512i k0 = C == 1 ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ks)))
-                              : _mm512_loadu_si512(ks);
-    acc[s] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)k0);
+// Scores of M queries (bf16-rounded, 32-bit words of feature pairs, stride qs) against NB blocks of
+// 16 keys of a bf16 cache (kernels.h's layout, from block `kb`), into score rows of stride `stride`
+// from column 0: for each pair w in order, one vdpbf16ps of the block's vector for w with the
+// query's pair w broadcast adds to each slot's lane the products of features 2w + 1, then 2w
+// (exact: a bf16 times a bf16 fits fp32), rounded to nearest even. No horizontal sums: a lane is
+// a slot. Each score depends on its query and its key alone.
+template <int P, int M, int NB>
+inline void scores_bf16(const uint16_t* q, int64_t qs, const uint16_t* kb, float scale, float* dst, int64_t stride) {
+  constexpr int64_t block = 2 * fastdecode::kKeyBlock * P;  // bf16 per block of 16 keys
+  __m512 acc[M][NB];
 #pragma GCC unroll 4
-    for (int w = 1; w < W; ++w) acc[s] = _mm512_dpbf16_ps(acc[s], qv[w], (__m512bh)_mm512_loadu_si512(ks + 32 * w));
+  for (int a = 0; a < M; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_setzero_ps();
+  const uint32_t* qw = reinterpret_cast<const uint32_t*>(q);
+#pragma GCC unroll 8
+  for (int w = 0; w < P; ++w) {
+    __m512bh kv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) kv[b] = (__m512bh)_mm512_loadu_si512(kb + b * block + 32 * w);
+#pragma GCC unroll 4
+    for (int a = 0; a < M; ++a) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[a * qs / 2 + w]));
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], kv[b], qv);
+    }
   }
-  _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+  for (int a = 0; a < M; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(dst + a * stride + 16 * b, _mm512_mul_ps(acc[a][b], sc));
+}
+
+// Scores of queries [0, nq) (those that see past column j0: `visible`) against slots [j0, j1) of
+// a bf16 cache, in tiles of up to 3 queries x 4 blocks.
+template <int P>
+void scores_bf16_range(const uint16_t* q, int64_t qs, const int64_t* visible, int64_t nq, const uint16_t* K,
+                       int64_t j0, int64_t j1, float scale, float* score, int64_t stride) {
+  constexpr int64_t block = 2 * fastdecode::kKeyBlock * P;
+  for (int64_t a = 0; a < nq;) {
+    int64_t m = 0;  // the next run of up to 3 queries that see this range
+    while (a < nq && visible[a] <= j0) ++a;
+    while (a + m < nq && m < 3 && visible[a + m] > j0) ++m;
+    if (m == 0) break;
+    const uint16_t* qa = q + a * qs;
+    float* sa = score + a * stride;
+    for (int64_t j = j0; j < j1;) {
+      const uint16_t* kb = K + j / 16 * block;
+      const int64_t blocks = (j1 - j + 15) / 16;
+#define FD_SCORES(MM)                                                                                   \
+  if (blocks >= 4) scores_bf16<P, MM, 4>(qa, qs, kb, scale, sa + j, stride), j += 64;                   \
+  else scores_bf16<P, MM, 1>(qa, qs, kb, scale, sa + j, stride), j += 16;
+      if (m == 3) { FD_SCORES(3) } else if (m == 2) { FD_SCORES(2) } else { FD_SCORES(1) }
+#undef FD_SCORES
+    }
+    a += m;
+  }
 }
 
 // q [hd] -> bf16, rounded to nearest even, into W words of 32 (the last half-word zeros when hd = 16).
@@ -148,6 +190,114 @@ inline void weighted_sums(const float* const* p, int64_t len, const T* V, float*
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[b] + 16 * c, acc[b][c]);
 }
 
+// Values of a bf16 cache lie in slot pairs (kernels.h, value_offset): pair m holds, for each
+// feature, the bf16 of slots 2m and 2m + 1 side by side, so one vector is 16 features of both.
+// A query's probabilities are rounded to bf16 and paired by position the same way, and one
+// vdpbf16ps adds a pair's two products to 16 features at once.
+//
+// The pairs a query sums, in order: its stored pairs (both slots below `base`, read in place),
+// then its gathered pairs: the visible slots from `base` on, paired in order (the last with a
+// zero when they are odd). Under a tree mask base is the cache length rounded down to even and
+// the gathered slots are the prefix's odd last slot and the query's visible new slots, in slot
+// order, which is position order (parents precede children); causal, base is the query's own
+// slot count rounded down to even. Either way the pairs are positions (2m, 2m + 1), so a token
+// sums the same pairs in the same order in a tree as in a one-token forward.
+
+// Slot x's features [16c, 16c + 16) in the low halves of 16 words (y = -1: zeros above), slot
+// y's in the high halves.
+inline __m512i value_pair(const uint16_t* V, int64_t hd, int64_t x, int64_t y, int c) {
+  const __m512i vx = _mm512_loadu_si512(V + fastdecode::value_offset(x, 16 * c, hd) - x % 2);
+  __m512i r = x % 2 ? _mm512_srli_epi32(vx, 16) : _mm512_and_si512(vx, _mm512_set1_epi32(0xFFFF));
+  if (y >= 0) {
+    const __m512i vy = _mm512_loadu_si512(V + fastdecode::value_offset(y, 16 * c, hd) - y % 2);
+    r = _mm512_or_si512(r, y % 2 ? _mm512_and_si512(vy, _mm512_set1_epi32(int(0xFFFF0000u))) : _mm512_slli_epi32(vy, 16));
+  }
+  return r;
+}
+
+// acc[b] += the stored pairs [m0, m1) of Q queries (their bf16 probability words pw[b]), sharing
+// each loaded pair of value rows.
+template <int C, int Q>
+inline void pair_sums(const uint32_t* const* pw, int64_t m0, int64_t m1, const uint16_t* V, float* acc) {
+  __m512 a[Q][C];
+  for (int b = 0; b < Q; ++b)
+    for (int c = 0; c < C; ++c) a[b][c] = _mm512_loadu_ps(acc + 16 * (b * C + c));
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512bh v[C];
+    for (int c = 0; c < C; ++c) v[c] = (__m512bh)_mm512_loadu_si512(V + m * 32 * C + 32 * c);
+    for (int b = 0; b < Q; ++b) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[b][m]));
+      for (int c = 0; c < C; ++c) a[b][c] = _mm512_dpbf16_ps(a[b][c], v[c], pb);
+    }
+  }
+  for (int b = 0; b < Q; ++b)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * (b * C + c), a[b][c]);
+}
+
+// out[a] = (the weighted sum of values of query a by its bf16 probabilities pb, in pairs as
+// described above) / sums[a], for the nq queries of a task (t0, nt: its tokens, as in task_queries).
+template <int C>
+void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const int64_t* visible, const bool* mask,
+                 int64_t t0, int64_t nt, int64_t nq, int64_t length, int64_t total, const uint16_t* V, int64_t* base,
+                 int64_t* gathered, int64_t* ngathered, int64_t gstride, float* acc, float* const* outs) {
+  constexpr int64_t hd = 16 * C;
+  constexpr int Q = C <= 2 ? 8 : C == 4 ? 6 : 2;  // Q x C accumulators, C values, 1 broadcast
+  for (int64_t a = 0; a < nq; ++a) {
+    int64_t* g = gathered + a * gstride;
+    int64_t k = 0;
+    if (mask != nullptr) {
+      base[a] = length & ~int64_t(1);
+      if (length % 2) g[k++] = length - 1;
+      const bool* mt = mask + (t0 + a % nt) * total;
+      for (int64_t j = length; j < total; ++j)
+        if (mt[j]) g[k++] = j;
+    } else {
+      base[a] = visible[a] & ~int64_t(1);
+      if (visible[a] % 2) g[k++] = visible[a] - 1;
+    }
+    ngathered[a] = k;
+    std::fill(acc + a * hd, acc + (a + 1) * hd, 0.0f);
+  }
+  const uint32_t* pw[Q];
+  for (int64_t a0 = 0; a0 < nq; a0 += Q) {  // stored pairs, Q queries at a time up to their least base
+    const int64_t m = std::min<int64_t>(Q, nq - a0);
+    int64_t shared = base[a0];
+    for (int64_t b = 0; b < m; ++b) {
+      pw[b] = reinterpret_cast<const uint32_t*>(pb + (a0 + b) * stride);
+      shared = std::min(shared, base[a0 + b]);
+    }
+    float* ac = acc + a0 * hd;
+    switch (m) {
+      case 1: pair_sums<C, 1>(pw, 0, shared / 2, V, ac); break;
+      case 2: pair_sums<C, (Q >= 2 ? 2 : 1)>(pw, 0, shared / 2, V, ac); break;
+      case 3: pair_sums<C, (Q >= 3 ? 3 : 1)>(pw, 0, shared / 2, V, ac); break;
+      case 4: pair_sums<C, (Q >= 4 ? 4 : 1)>(pw, 0, shared / 2, V, ac); break;
+      case 5: pair_sums<C, (Q >= 5 ? 5 : 1)>(pw, 0, shared / 2, V, ac); break;
+      case 6: pair_sums<C, (Q >= 6 ? 6 : 1)>(pw, 0, shared / 2, V, ac); break;
+      case 7: pair_sums<C, (Q >= 7 ? 7 : 1)>(pw, 0, shared / 2, V, ac); break;
+      default: pair_sums<C, Q>(pw, 0, shared / 2, V, ac); break;
+    }
+    for (int64_t b = 0; b < m; ++b) {  // each query's own stored pairs past the shared ones
+      const uint32_t* one[1] = {pw[b]};
+      pair_sums<C, 1>(one, shared / 2, base[a0 + b] / 2, V, ac + b * hd);
+    }
+  }
+  for (int64_t a = 0; a < nq; ++a) {  // gathered pairs, then / sum
+    const int64_t* g = gathered + a * gstride;
+    const uint16_t* p = pb + a * stride;
+    __m512 ac[C];
+    for (int c = 0; c < C; ++c) ac[c] = _mm512_loadu_ps(acc + a * hd + 16 * c);
+    for (int64_t i = 0; i < ngathered[a]; i += 2) {
+      const int64_t x = g[i], y = i + 1 < ngathered[a] ? g[i + 1] : -1;
+      const uint32_t word = uint32_t(p[x]) | (y >= 0 ? uint32_t(p[y]) << 16 : 0u);
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      for (int c = 0; c < C; ++c) ac[c] = _mm512_dpbf16_ps(ac[c], (__m512bh)value_pair(V, hd, x, y, c), pv);
+    }
+    const __m512 inv = _mm512_set1_ps(sums[a] > 0.0f ? 1.0f / sums[a] : 0.0f);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(outs[a] + 16 * c, _mm512_mul_ps(ac[c], inv));
+  }
+}
+
 template <int C, typename T>
 void core(const float* src, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
           const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
@@ -167,6 +317,9 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
     constexpr int64_t qs = (C + 1) / 2 * 32;  // a bf16 query's stride
     std::vector<float> q(nq_max * hd), score(nq_max * stride), sums(nq_max);
     std::vector<uint16_t> qb(kBf16 ? nq_max * qs : 0);
+    std::vector<uint16_t> pb(kBf16 ? nq_max * stride : 0);  // bf16 probabilities (a bf16 cache)
+    std::vector<int64_t> base(nq_max), gathered(kBf16 ? nq_max * (n + 2) : 0), ngathered(nq_max);
+    std::vector<float> acc(kBf16 ? nq_max * hd : 0);
     std::vector<T> tail(16 * hd);
     std::vector<int64_t> visible(nq_max);
     std::vector<const float*> prow(nq_max);
@@ -180,23 +333,26 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
                                                     mask != nullptr, q.data(), visible.data(), outs.data());
       if constexpr (kBf16)
         for (int64_t a = 0; a < nq; ++a) round_query<C>(q.data() + a * hd, qb.data() + a * qs);
-      // Scores, one 16-slot group at a time; the last group's missing keys read as zeros.
-      for (int64_t j0 = 0; j0 < last; j0 += kBlock)
-        for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {
-          const T* kj = Kg + j * hd;
-          if (j + 16 > total) {
-            std::fill(tail.begin(), tail.end(), T(0));
-            std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(T));
-            kj = tail.data();
+      // Scores. A bf16 cache: its 16-slot key blocks are whole (the cache's slots are a multiple
+      // of 16), and scores past `total` are discarded with the masked ones below.
+      if constexpr (kBf16) {
+        for (int64_t j0 = 0; j0 < last; j0 += kBlock)
+          scores_bf16_range<8 * C>(qb.data(), qs, visible.data(), nq, Kg, j0, std::min(j0 + kBlock, last), scale,
+                                   score.data(), stride);
+      } else {
+        // one 16-slot group at a time; the last group's missing keys read as zeros
+        for (int64_t j0 = 0; j0 < last; j0 += kBlock)
+          for (int64_t j = j0; j < std::min(j0 + kBlock, last); j += 16) {
+            const T* kj = Kg + j * hd;
+            if (j + 16 > total) {
+              std::fill(tail.begin(), tail.end(), T(0));
+              std::memcpy(tail.data(), kj, (total - j) * hd * sizeof(T));
+              kj = tail.data();
+            }
+            for (int64_t a = 0; a < nq; ++a)
+              if (j < visible[a]) scores16<C>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
           }
-          for (int64_t a = 0; a < nq; ++a) {
-            if (j >= visible[a]) continue;
-            if constexpr (kBf16)
-              scores16_bf16<C>(qb.data() + a * qs, kj, scale, score.data() + a * stride + j);
-            else
-              scores16<C>(q.data() + a * hd, kj, scale, score.data() + a * stride + j);
-          }
-        }
+      }
       // Softmax numerators: masked slots and slots past a query's end become exact zeros.
       for (int64_t a = 0; a < nq; ++a) {
         float* sa = score.data() + a * stride;
@@ -217,11 +373,22 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
         for (int64_t j = 0; j < stride; j += 16) {
           const __m512 s = _mm512_loadu_ps(sa + j);
           const __mmask16 live = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
-          _mm512_storeu_ps(sa + j, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm))));
+          __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm)));
+          if constexpr (kBf16) {  // p rounded to bf16 once: the sum and the weighted sums use the same p
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb.data() + a * stride + j), h);
+            e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+          }
+          _mm512_storeu_ps(sa + j, e);
         }
         prow[a] = sa;
       }
       fastdecode::row_sums(prow.data(), visible.data(), nq, sums.data());
+      if constexpr (kBf16) {
+        pair_values<C>(pb.data(), stride, sums.data(), visible.data(), mask, t0, nt, nq, length, total, Vg,
+                       base.data(), gathered.data(), ngathered.data(), n + 2, acc.data(), outs.data());
+        continue;
+      }
       for (int64_t a = 0; a < nq; ++a) {  // p / sum (a row with nothing visible stays zeros)
         float* sa = score.data() + a * stride;
         const __m512 inv = _mm512_set1_ps(sums[a] > 0.0f ? 1.0f / sums[a] : 0.0f);

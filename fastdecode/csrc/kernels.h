@@ -33,6 +33,20 @@ void attention_512(const float* qkv, int64_t width, const float* rot, const T* K
                    const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
                    int64_t hd);
 
+// A bf16 cache's keys (one layer, one KV head) lie in blocks of kKeyBlock slots, feature pairs
+// outermost: a block holds, for each pair (2w, 2w + 1), those two bf16 of its 16 slots side by
+// side (64 bytes: one vector). A vdpbf16ps of that vector with a query's pair broadcast adds the
+// pair's products to 16 slots' scores at once, with no horizontal sums (attention_512.cpp).
+// Values keep rows of hd. The element of slot `slot`, feature i:
+constexpr int64_t kKeyBlock = 16;
+inline int64_t key_offset(int64_t slot, int64_t i, int64_t hd) {
+  return slot / kKeyBlock * kKeyBlock * hd + (i / 2) * (2 * kKeyBlock) + slot % kKeyBlock * 2 + i % 2;
+}
+
+// A bf16 cache's values lie in slot pairs: pair m holds, feature by feature, the bf16 of slots
+// 2m and 2m + 1 side by side (a vector is 16 features of both). The element of slot `slot`, feature i:
+inline int64_t value_offset(int64_t slot, int64_t i, int64_t hd) { return slot / 2 * 2 * hd + 2 * i + slot % 2; }
+
 // dst = src rotated pair by pair: (x, y) -> (x cos - y sin, x sin + y cos).
 inline void rope(const float* src, const float* rot, float* dst, int64_t hd) {
   for (int64_t i = 0; i < hd; i += 2) {
