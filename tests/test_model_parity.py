@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdecode import kv_cache
 from fastdecode.kv_cache import KVCache, blocked_keys, key_rows, paired_values, value_rows
 from fastdecode.model import build_model
 from fastdecode.tree import DraftTree
@@ -111,11 +112,16 @@ def test_kv_cache_keep_compacts_accepted_rows_and_truncate_rolls_back(tmp_path: 
         cache.truncate(7)
 
 
-def test_blocked_bf16_keys_keep_and_write_like_rows() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_blocked_bf16_keys_keep_and_write_like_rows(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 cache stores its keys in 16-slot blocks and its values in slot pairs (the AVX512-BF16
     core's layouts): writing
     pending rows, keeping an accepted path and reading the keys back as rows give what an fp32
     cache holds, rounded to bf16; its storage is whole blocks."""
+    if not native:  # the torch moves keep() falls back on without the kernels
+        monkeypatch.setattr(kv_cache, "layer_ops", lambda: None)
+    elif kv_cache.layer_ops() is None:
+        pytest.skip("no native kernels here: the torch moves are the other case")
     g = torch.Generator().manual_seed(5)
     caches = [KVCache(2, 2, 16, 40, dtype) for dtype in (torch.float32, torch.bfloat16)]
     assert caches[1].blocked and caches[1].k.shape[2] == 48 and not caches[0].blocked

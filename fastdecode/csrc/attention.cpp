@@ -270,6 +270,33 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   return out;
 }
 
+// KVCache.keep for a bf16 cache (keys blocked, values paired): pending slots length + indices[i]
+// move to length + i, every layer and KV head. indices ascend, so a slot is read before any
+// earlier move writes it.
+void keep_slots(const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t length, at::IntArrayRef indices) {
+  for (const at::Tensor* c : {&cache_k, &cache_v})
+    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == at::kBFloat16 && c->is_contiguous() && c->size(2) % kKeyBlock == 0,
+                "keep_slots: caches must be contiguous bfloat16 [layers, kv_heads, slots (a multiple of 16), hd]");
+  const int64_t heads = cache_k.size(0) * cache_k.size(1), slots = cache_k.size(2), hd = cache_k.size(3);
+  for (size_t i = 0; i < indices.size(); ++i)
+    TORCH_CHECK(indices[i] >= static_cast<int64_t>(i) && (i == 0 || indices[i] > indices[i - 1]) &&
+                    length + indices[i] < slots, "keep_slots: indices must ascend and lie in the cache");
+  uint16_t* K = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>());
+  uint16_t* V = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>());
+  for (int64_t h = 0; h < heads; ++h) {
+    uint16_t* k = K + h * slots * hd;
+    uint16_t* v = V + h * slots * hd;
+    for (size_t i = 0; i < indices.size(); ++i) {
+      const int64_t src = length + indices[i], dst = length + static_cast<int64_t>(i);
+      if (src == dst) continue;
+      for (int64_t f = 0; f < hd; ++f) {
+        k[key_offset(dst, f, hd)] = k[key_offset(src, f, hd)];
+        v[value_offset(dst, f, hd)] = v[value_offset(src, f, hd)];
+      }
+    }
+  }
+}
+
 // Which core runs: "avx512bf16" (the AVX512 core, which also takes bf16 caches), "avx512" (the
 // AVX512 core on a CPU without AVX512-BF16: fp32 caches only) or "avx2" (fp32 caches only).
 std::string attention_isa() { return has_avx512bf16() ? "avx512bf16" : has_avx512() ? "avx512" : "avx2"; }
@@ -280,8 +307,10 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("attention(Tensor qkv, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int length, Tensor rot, "
         "Tensor? mask, int heads, int kv_heads) -> Tensor");
   m.def("attention_isa() -> str", &fastdecode::attention_isa);  // no tensors: a catch-all kernel
+  m.def("keep_slots(Tensor(a!) cache_k, Tensor(b!) cache_v, int length, int[] indices) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("attention", &fastdecode::attention);
+  m.impl("keep_slots", &fastdecode::keep_slots);
 }
