@@ -406,6 +406,34 @@ def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, h
         assert torch.equal(alone[0], together[row]), f"chain token {step} differs from its one-token forward"
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_attention_bits_do_not_depend_on_the_threads_or_the_tiles(bf16: bool) -> None:
+    """A tree's attention is split into tasks of one KV group x a tile of tokens, the tiles sized
+    to keep every thread equally busy (so they change with the thread count): every query's result
+    is the same bits for 1, 2 and 3 threads, over 3 KV groups as SmolLM2 has, for trees of 2-13
+    tokens."""
+    if bf16 and kernels.attention_isa() != "avx512bf16":
+        pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
+    op = kernels.attention_op()
+    heads, kv_heads, length, hd = 9, 3, 70, 64
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3, 5, 9, 10, 13):
+            qkv, k, v, rot = _attention_case(n, length, heads=heads, kv_heads=kv_heads, hd=hd, seed=n)
+            if bf16:
+                k, v = blocked_keys(k.to(torch.bfloat16)), paired_values(v.to(torch.bfloat16))
+            parents = [-1] + [int(torch.randint(-1, i, (1,), generator=torch.Generator().manual_seed(i))) for i in range(n - 1)]
+            mask = torch.ones(n, length + n, dtype=torch.bool)
+            mask[:, length:] = DraftTree([0] * (n - 1), parents[1:]).ancestor_mask() if n > 1 else True
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(op(qkv, k.clone(), v.clone(), 1, length, rot, mask, heads, kv_heads))
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), f"n={n}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_attention_kv_cache_dtype_follows_the_core() -> None:
     """bf16 / int8 / int4 models get a bfloat16 KV cache where the AVX512-BF16 core runs, fp32 elsewhere;
     float32 models always keep fp32 (this test also runs in the FASTDECODE_NO_AVX512 process)."""
