@@ -407,11 +407,10 @@ def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, h
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_attention_bits_do_not_depend_on_the_threads_or_the_tiles(bf16: bool) -> None:
-    """A tree's attention is split into tasks of one KV group x a tile of tokens, the tiles sized
-    to keep every thread equally busy (so they change with the thread count): every query's result
-    is the same bits for 1, 2 and 3 threads, over 3 KV groups as SmolLM2 has, for trees of 2-13
-    tokens."""
+def test_attention_bits_do_not_depend_on_the_threads(bf16: bool) -> None:
+    """A tree's attention is split into tasks of one KV group x a tile of tokens, run on however
+    many threads there are: every query's result is the same bits for 1, 2 and 3 threads, over 3
+    KV groups as SmolLM2 has, for trees of 2-13 tokens."""
     if bf16 and kernels.attention_isa() != "avx512bf16":
         pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()

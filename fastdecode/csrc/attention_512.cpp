@@ -298,18 +298,6 @@ void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const in
   }
 }
 
-// Tokens per task (a task: one KV group's heads x a tile of tokens, sharing each loaded key and
-// value): 4, or for trees of up to 16 tokens the first of 4-8, 3, 2, 1 that gives every thread
-// the same number of tasks (a 9-token tree over 3 KV groups: 2 tiles of 5 + 4 tokens, 6 tasks,
-// instead of 3 tiles of 3, 9 tasks, 5 on one thread and 4 on the other). The tiling changes no
-// number: each query's arithmetic is its own.
-inline int64_t tile_tokens(int64_t n, int64_t groups, int64_t threads) {
-  if (n > 16 || threads <= 1) return std::min<int64_t>(n, 4);
-  for (int64_t tt : {4, 5, 6, 7, 8, 3, 2, 1})
-    if (tt <= n && groups * ((n + tt - 1) / tt) % threads == 0) return tt;
-  return std::min<int64_t>(n, 4);
-}
-
 template <int C, typename T>
 void core(const float* src, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
           const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
@@ -320,7 +308,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
   // A task: the heads of one KV group x up to 4 tokens. Its queries go over the group's keys
   // block by block and share each loaded row of values.
   const int64_t hp = group;
-  const int64_t tt = tile_tokens(n, heads / hp, at::get_num_threads()), tiles = (n + tt - 1) / tt;
+  const int64_t tiles = (n + 3) / 4, tt = (n + tiles - 1) / tiles;
   const int64_t tasks = heads / hp * tiles, nq_max = hp * tt;
   const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
