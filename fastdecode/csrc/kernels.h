@@ -27,7 +27,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
 // attention's core on AVX512 CPUs (attention_512.cpp), for head_dim 16, 32, 64 or 128: the n
 // queries' rows of qkv (stride `width`) against slots [0, length + n) of one layer's K and V
 // (head stride `head_stride`; the new keys and values already written), into out [n, heads * hd].
-// T = float, or uint16_t for a bf16 cache (entries widened exactly on load).
+// T = float, or uint16_t for a bf16 cache (keys and values in the layouts below).
 template <typename T>
 void attention_512(const float* qkv, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
                    const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
