@@ -4,7 +4,8 @@
 // Why: the AVX2 core spent most of a tree forward's attention on horizontal sums (one per
 // score) and 8-lane arithmetic; over a 1,024-token context a 16-token tree's attention cost more
 // than its matmuls. Here a score's 16 lanes of partial sums are reduced 16 scores at a time in
-// one transposing tree (3 operations a score instead of ~6), and every vector is 16 wide.
+// one transposing tree (3 operations a score instead of ~6), and every vector is 16 wide; over a
+// bf16 cache, whose layouts make a score one lane, there is nothing to reduce.
 //
 // A query's result is a function of its own visible slots' contents, in position order, whatever
 // the tiling, n or the thread count; and masked or extra slots add exact zeros, so a token gets
