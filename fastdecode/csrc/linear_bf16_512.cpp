@@ -21,6 +21,12 @@
 // fixed horizontal sum, so a row's result does not depend on n, the tile it falls in or the
 // thread count.
 //
+// The weights are prefetched 8 KB ahead of each row's reads as non-temporal (prefetchnta): each
+// is read once a forward, and so it evicts less of what is reused (the KV cache, activations,
+// and the Python that runs between forwards). Five interleaved in-place A/Bs against prefetcht0
+// (14-28 prompts, 256 tokens): `auto` +3.7, +1.0, -0.1, +4.8 % greedy and +4.3 % sampled, `ar`
+// +6.5, -1.6, +3.4, +2.2 % and +5.5 %; a greedy `auto` step's Python 10-20 % less in place.
+//
 // The functions are compiled for AVX512 by the pragma below while the rest of the extension
 // stays AVX2; bf16_linear calls them only when the CPU reports avx512bf16 (see has_avx512bf16).
 #include <immintrin.h>
@@ -44,7 +50,7 @@ namespace {
 constexpr int kUnit = 8;                  // weight rows per unit of parallel work
 constexpr int64_t kL1Bytes = 24 * 1024;   // bf16 activation bytes per token chunk
 constexpr int64_t kRowChunk = 64;         // weight rows per L2-resident chunk
-constexpr int64_t kPrefetchBytes = 8192;  // prefetch the weights this far ahead of each row's reads
+constexpr int64_t kPrefetchBytes = 8192;  // prefetch the weights this far ahead of each row's reads (NTA)
 constexpr int64_t kMinTaskMacs = 1 << 18; // below this a task runs inline
 
 // The sum of 16 lanes: the two 8-lane halves added lane by lane, then hsum8's order.
@@ -71,7 +77,7 @@ inline void tile(const uint16_t* w, const uint16_t* xb, float* y, const float* b
     __m512bh wv[R];
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(pf + 2 * (r * K + k), _MM_HINT_T0);
+      _mm_prefetch(pf + 2 * (r * K + k), _MM_HINT_NTA);
       wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
     }
 #pragma GCC unroll 32
