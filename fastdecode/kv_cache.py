@@ -125,21 +125,25 @@ class KVCache:
         [0, 2, 5]: slots 10, 12, 15 move to 10, 11, 12 and length becomes 13.
         """
         n = len(indices)
-        ops = layer_ops() if self.blocked else None
-        if indices == list(range(n)):  # a prefix is already in place
-            pass
-        elif ops is not None:  # a blocked cache: 15 us, where the torch moves below take ~170
-            ops.keep_slots(self.k, self.v, self.length, indices)
-        else:
-            src = torch.tensor(indices, dtype=torch.long) + self.length
-            dst = torch.arange(self.length, self.length + n)
-            if self.blocked:
-                _move(self.k, KEY_BLOCK, 2, src, dst)
-                _move(self.v, VALUE_BLOCK, 1, src, dst)
-            else:
-                self.k[:, :, dst] = self.k.index_select(2, src)
-                self.v[:, :, dst] = self.v.index_select(2, src)
+        if indices != list(range(n)):  # a prefix is already in place
+            self._move_pending(indices)
         self.length += n
+
+    def _move_pending(self, indices: list[int]) -> None:
+        """Move pending slots length + indices[i] to length + i (indices ascending)."""
+        ops = layer_ops() if self.blocked else None
+        if ops is not None:  # a blocked cache: 15 us, where the torch moves below take ~170
+            ops.keep_slots(self.k, self.v, self.length, indices)
+            return
+        src = torch.tensor(indices, dtype=torch.long) + self.length
+        if self.blocked:
+            dst = torch.arange(self.length, self.length + len(indices))
+            _move(self.k, KEY_BLOCK, 2, src, dst)
+            _move(self.v, VALUE_BLOCK, 1, src, dst)
+        else:
+            rows = slice(self.length, self.length + len(indices))
+            self.k[:, :, rows] = self.k.index_select(2, src)
+            self.v[:, :, rows] = self.v.index_select(2, src)
 
     def truncate(self, n: int) -> None:
         """Forget every committed entry from slot n on."""

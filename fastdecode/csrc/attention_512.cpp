@@ -321,7 +321,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
     std::vector<uint16_t> pb(kBf16 ? nq_max * stride : 0);  // bf16 probabilities (a bf16 cache)
     std::vector<int64_t> base(nq_max), gathered(kBf16 ? nq_max * (n + 2) : 0), ngathered(nq_max);
     std::vector<float> acc(kBf16 ? nq_max * hd : 0);
-    std::vector<T> tail(16 * hd);
+    std::vector<T> tail(kBf16 ? 0 : 16 * hd);  // an fp32 cache's last, partial group of keys
     std::vector<int64_t> visible(nq_max);
     std::vector<const float*> prow(nq_max);
     std::vector<float*> outs(nq_max);

@@ -37,7 +37,7 @@ void attention_512(const float* qkv, int64_t width, const float* rot, const T* K
 // outermost: a block holds, for each pair (2w, 2w + 1), those two bf16 of its 16 slots side by
 // side (64 bytes: one vector). A vdpbf16ps of that vector with a query's pair broadcast adds the
 // pair's products to 16 slots' scores at once, with no horizontal sums (attention_512.cpp).
-// Values keep rows of hd. The element of slot `slot`, feature i:
+// The element of slot `slot`, feature i:
 constexpr int64_t kKeyBlock = 16;
 inline int64_t key_offset(int64_t slot, int64_t i, int64_t hd) {
   return slot / kKeyBlock * kKeyBlock * hd + (i / 2) * (2 * kKeyBlock) + slot % kKeyBlock * 2 + i % 2;
