@@ -47,6 +47,7 @@ import torch
 __all__ = [
     "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
+    "race_order_op",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -184,6 +185,14 @@ def top_k_rows_op() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     largest first, lower index first among equals (csrc/sampling.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.top_k_rows
+
+
+def race_order_op() -> Callable[..., list[int]] | None:
+    """The raw op `(successors [V, k] int32, logits [V, k] float32, token, temperature, top_k, top_p,
+    seed, index) -> order`: Token Recycling's successors of `token` in the sampler's race order
+    (csrc/sampling.cpp; drafters/recycling.py), or None."""
+    ops = _load()
+    return None if ops is None else ops.race_order
 
 
 def layer_ops() -> Any:

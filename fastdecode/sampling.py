@@ -98,7 +98,7 @@ def race_uniform(seed: int, index: int, tokens: np.ndarray) -> np.ndarray:
     return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
 
 
-def _int64(seed: int) -> int:
+def int64_seed(seed: int) -> int:
     """The seed's low 64 bits as a signed int64 (what the native ops take)."""
     low = seed % 2**64
     return low - 2**64 if low >= 2**63 else low
@@ -110,7 +110,7 @@ def race_pick(probs: np.ndarray, seed: int, index: int) -> int:
     token and is ~10x faster over a whole vocabulary."""
     op = race_pick_op()
     if op is not None:
-        token = op(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)), _int64(seed), index)
+        token = op(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)), int64_seed(seed), index)
     else:
         support = np.flatnonzero(probs > 0)
         token = -1 if not len(support) else int(support[
@@ -217,6 +217,15 @@ class Sampler:
             return token, float(torch.softmax(logits, -1)[token])
         return self._draw(logits, ahead)
 
+    def race_order(self, tokens: np.ndarray, weights: np.ndarray, ahead: int) -> list[int]:
+        """Indices of candidate `tokens` best first by the race at output index count + ahead, if
+        their probabilities there were proportional to `weights` (>= 0; 0 = never picked, last):
+        a drafter that holds a guess of the distribution (stale logits, counts) orders its
+        candidates by the noise the target will use, so its first guess is the target's pick
+        whenever the guess is close (the Gumbel coupling of Daliri et al. 2024)."""
+        race = weights / -np.log(race_uniform(self.seed, self.count + ahead, tokens))
+        return np.argsort(-race, kind="stable").tolist()
+
     def _draw(self, logits: torch.Tensor, ahead: int) -> tuple[int, float]:
         """The seeded draw at output index count + ahead, and its probability after processing."""
         op = sample_row_op()
@@ -226,7 +235,7 @@ class Sampler:
             return token, float(probs[token])
         p = self.params
         row = self._penalized(logits).float().contiguous()
-        token, prob = op(row, p.temperature, p.top_k, p.top_p, p.min_p, NUCLEUS_CUT, _int64(self.seed), self.count + ahead)
+        token, prob = op(row, p.temperature, p.top_k, p.top_p, p.min_p, NUCLEUS_CUT, int64_seed(self.seed), self.count + ahead)
         if token < 0:
             raise ValueError("no token has a nonzero probability")
         return token, prob

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastdecode.drafters.base import StepResult
+from fastdecode import SamplingParams
+from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template
+from fastdecode.kernels import race_order_op
+from fastdecode.sampling import Sampler
 from fastdecode.tree import DraftTree
 
 VOCAB = 50
@@ -149,3 +152,59 @@ def test_native_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None
     assert op(torch.full((1, 3), float("nan")), 2).tolist() == [[-1, -1]]
     with pytest.raises(RuntimeError, match="k = 0"):
         op(x, 0)
+
+
+def test_sampled_drafts_follow_the_samplers_noise() -> None:
+    """At temperature > 0 the successors are drawn in the order the request's sampler would pick
+    them if their stored logits were the target's: with the whole vocabulary stored and the same
+    logits at the next positions, every draft along rank 0 is the target's own sampled token."""
+    vocab = 24
+    gen = torch.Generator().manual_seed(5)
+    hits = not_argmax = runs = rank0 = 0
+    for seed in range(30):
+        drafter = TokenRecycling(vocab, k=vocab)
+        rows = 1.5 * torch.randn(3, vocab, generator=gen)
+        sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.9, seed=seed), [], vocab)
+        sampler.accept(0)
+        drafter.begin([0], DraftRequest(sampler, None))
+        root = 3
+        drafter.update(StepResult(root, DraftTree(), rows[:1], [0], [int(rows[0].argmax())]))
+        first = sampler.draft(rows[0], 0)  # the target's pick after the root, with its noise
+        if first == root:
+            continue  # its row would be overwritten below
+        runs += 1
+        drafter.update(StepResult(first, DraftTree(), rows[1:2], [0], [int(rows[1].argmax())]))
+        drafter.rank_hits[:], drafter.rank_trials = 0, 0  # those updates are not draft outcomes
+        tree = drafter.propose([0, root], 2)  # rank 0 twice: a chain (when the first draft is right)
+        hits += tree.tokens == [first, sampler.draft(rows[1], 1)]
+        not_argmax += first != int(rows[0].argmax())
+        sampler.accept(first)  # the target took it: its rank is counted in the order it was drafted
+        drafter.update(StepResult(root, DraftTree(), rows[:1], [0], [first]))
+        rank0 += drafter.rank_hits[0]
+    assert runs >= 25 and hits >= runs - 2  # float64 here, float32 in the sampler: a rare nucleus-edge case may differ
+    assert rank0 >= runs - 2
+    assert not_argmax >= 5  # so the walk followed the noise, not the logits' order
+
+
+def test_greedy_requests_draft_in_logit_order() -> None:
+    drafter = TokenRecycling(VOCAB, k=3)
+    drafter.update(StepResult(4, DraftTree(), ranked_logits([[5, 7, 8]]), [0], [5]))
+    drafter.begin([0], DraftRequest(Sampler(SamplingParams(temperature=0), [], VOCAB), None))
+    assert drafter.propose([4], 1).tokens == [5]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 3, 1.0), (0.5, -1, 0.97), (1.0, 8, 0.99)])
+def test_native_race_order_equals_numpy(temperature: float, top_k: int, top_p: float, monkeypatch) -> None:
+    assert race_order_op() is not None, "the fastdecode kernels failed to build"
+    rng = np.random.default_rng(1)
+    drafter = TokenRecycling(VOCAB, k=8)
+    for token in range(VOCAB):
+        known = rng.integers(0, 9) if token % 5 else 8  # some rows partly or wholly unknown
+        drafter.successors[token, :known] = rng.permutation(VOCAB)[:known]
+        drafter.logits[token] = np.sort(rng.normal(0, 2, 8))[::-1]
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=2**63 + 5), [], VOCAB)
+    drafter.begin([0], DraftRequest(sampler, None))
+    native = [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
+    monkeypatch.setattr("fastdecode.drafters.recycling.race_order_op", lambda: None)
+    assert native == [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
+    assert len({tuple(order) for order in native}) >= 5  # the orders differ: the test compares something

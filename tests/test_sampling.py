@@ -245,3 +245,28 @@ def test_native_draw_from_logits_equals_probs_then_race(monkeypatch: pytest.Monk
     for (_, got), (_, want) in zip(native, reference):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
     assert len({t for t, _ in native}) > 20  # the cases do draw varied tokens
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_race_order_over_the_whole_distribution_starts_with_the_samplers_pick(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """race_order ranks candidates by the noise of the draw at count + ahead: given the whole
+    processed distribution as weights, its first index is the token the sampler draws there."""
+    if not native:
+        monkeypatch.setattr("fastdecode.sampling.sample_row_op", lambda: None)
+        monkeypatch.setattr("fastdecode.sampling.race_pick_op", lambda: None)
+    vocab, gen = 64, torch.Generator().manual_seed(3)
+    firsts = set()
+    for seed in range(12):
+        sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.95, seed=seed), [], vocab)
+        sampler.accept(0)  # count 1: ahead is counted from the next output index
+        logits = 2 * torch.randn(vocab, generator=gen)
+        weights = sampler.probs(logits).numpy().astype(np.float64)
+        for ahead in (0, 1, 5):
+            order = sampler.race_order(np.arange(vocab), weights, ahead)
+            assert sorted(order) == list(range(vocab))
+            assert order[0] == sampler.draft(logits, ahead)
+            assert all(weights[i] == 0 for i in order[np.count_nonzero(weights):])  # excluded tokens last
+            firsts.add(order[0] != int(logits.argmax()))
+    assert firsts == {True, False}  # the order is the race's, not the weights' (which would give the argmax)

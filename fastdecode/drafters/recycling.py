@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from fastdecode.drafters.base import DraftRequest, StepResult
-from fastdecode.kernels import top_k_rows_op
+from fastdecode.kernels import race_order_op, top_k_rows_op
+from fastdecode.sampling import Sampler, int64_seed
 from fastdecode.tree import DraftTree
 
 UNKNOWN = -1
@@ -90,6 +91,9 @@ class TokenRecycling:
             raise ValueError(f"k={k} successors per token must be in [1, vocab_size={vocab_size}]")
         self.vocab_size, self.k = vocab_size, k
         self.successors = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [vocab, k]: 1.5 MB at 49k x 8
+        self.logits = np.zeros((vocab_size, k), dtype=np.float32)  # the successors' logits when they were scored
+        self.sampler: Sampler | None = None  # the request's, when it samples: drafts follow its noise
+        self._orders: dict[tuple[int, int], list[int]] = {}  # (token, output index) -> race order, this step's
         self.rank_hits = np.zeros(k)  # accepted-path observations per rank
         self.rank_trials = 0
         self.steps = 0
@@ -98,12 +102,16 @@ class TokenRecycling:
     # -- Drafter protocol --------------------------------------------------------------------
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         """Seed rows never scored by the model with the prompt's own bigrams (last one wins)."""
+        sampler = request.sampler if request is not None else None
+        self.sampler = sampler if sampler is not None and not sampler.params.greedy else None
+        self._orders.clear()
         if len(prompt_ids) < 2:
             return
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         prev, nxt = prompt[:-1], prompt[1:]
         fresh = self.successors[prev, 0] == UNKNOWN
         self.successors[prev[fresh], 0] = nxt[fresh]
+        self.logits[prev[fresh], 0] = 0.0  # one candidate: its logit does not matter
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         """Walk the template; a node lives if its parent did and its successor is known. A Python
@@ -113,10 +121,15 @@ class TokenRecycling:
         successors, root = self.successors, context[-1]
         token_of: list[int] = []  # per template node: its token, or UNKNOWN when it is dead
         index_of: list[int] = []  # per template node: its draft index (-1 when dead)
+        depth_of: list[int] = []  # per template node: its depth (1 = a child of the root)
+        self._orders.clear()
         tokens: list[int] = []
         parents: list[int] = []
         for parent, rank in self._template(budget):
             parent_token = root if parent < 0 else token_of[parent]
+            depth_of.append(1 if parent < 0 else depth_of[parent] + 1)
+            if parent_token != UNKNOWN and self.sampler is not None:  # the child's output index
+                rank = self._race_order(parent_token, self.sampler.count + depth_of[-1] - 1)[rank]
             token = UNKNOWN if parent_token == UNKNOWN else int(successors[parent_token, rank])
             token_of.append(token)
             if token == UNKNOWN:
@@ -133,9 +146,12 @@ class TokenRecycling:
         op = top_k_rows_op()
         logits = step.logits.float().contiguous()
         top = op(logits, self.k).numpy() if op is not None else top_k_rows(logits.numpy(), self.k)  # [len(tree) + 1, k]
+        values = np.take_along_axis(logits.numpy(), top.astype(np.int64), 1)
         self.successors[row_tokens] = top
+        self.logits[row_tokens] = values
         accepted = np.asarray(step.accepted_rows)
         self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
+        self.logits[row_tokens[accepted]] = values[accepted]
         self.steps += 1
         if self.steps % RETEMPLATE_EVERY == 0:
             self._templates.clear()
@@ -145,8 +161,8 @@ class TokenRecycling:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        torch.save({"successors": torch.from_numpy(self.successors), "rank_hits": torch.from_numpy(self.rank_hits),
-                    "rank_trials": self.rank_trials}, str(path))
+        torch.save({"successors": torch.from_numpy(self.successors), "logits": torch.from_numpy(self.logits),
+                    "rank_hits": torch.from_numpy(self.rank_hits), "rank_trials": self.rank_trials}, str(path))
 
     def load(self, path: str | Path) -> None:
         state = torch.load(str(path), weights_only=True)
@@ -157,6 +173,9 @@ class TokenRecycling:
                 f"this drafter needs {tuple(self.successors.shape)} (vocab_size, k)"
             )
         self.successors = successors.astype(np.int32, copy=True)
+        logits = state.get("logits")  # absent in files saved before the successors' logits were kept
+        self.logits = (np.zeros(successors.shape, dtype=np.float32) if logits is None
+                       else logits.numpy().astype(np.float32, copy=True))
         self.rank_hits = state["rank_hits"].numpy().astype(np.float64, copy=True)
         self.rank_trials = int(state["rank_trials"])
         self._templates.clear()
@@ -174,13 +193,42 @@ class TokenRecycling:
             self._templates[budget] = build_template(self.rank_hit_rates(), budget)
         return self._templates[budget]
 
+    def _race_order(self, token: int, index: int) -> list[int]:
+        """The ranks of `token`'s successors in the order the sampler's race at output `index` would
+        pick them if the target's distribution were the one they were scored with: softmax of their
+        logits at the request's temperature, cut to its top_k and top_p among them. Kept from a
+        propose() to the update() after it, which asks again for the accepted rows."""
+        order = self._orders.get((token, index))
+        if order is None:
+            order = self._orders[(token, index)] = self._race(token, index)
+        return order
+
+    def _race(self, token: int, index: int) -> list[int]:
+        params, op = self.sampler.params, race_order_op()
+        if op is not None:
+            return op(torch.from_numpy(self.successors), torch.from_numpy(self.logits), token, params.temperature,
+                      params.top_k, params.top_p, int64_seed(self.sampler.seed), index)
+        known = self.successors[token] != UNKNOWN
+        if not known.any():
+            return list(range(self.k))
+        x = self.logits[token].astype(np.float64) / params.temperature
+        p = np.where(known, np.exp(x - x[known].max()), 0.0)
+        p /= p.sum()
+        if 0 < params.top_k < self.k:
+            p[params.top_k:] = 0.0
+        p[(np.cumsum(p) - p) >= params.top_p] = 0.0  # the nucleus, best first as stored
+        return self.sampler.race_order(np.maximum(self.successors[token], 0), p, index - self.sampler.count)
+
     def _count_rank_hits(self, row_tokens: np.ndarray, step: StepResult) -> None:
         """At every accepted row, which rank of its (pre-update) successor list the target chose."""
         # a Python loop: a step accepts a few rows, and ~10 numpy calls on such tiny arrays cost more
-        for row, chosen in zip(step.accepted_rows, step.emitted):
+        for j, (row, chosen) in enumerate(zip(step.accepted_rows, step.emitted)):
             ranks = self.successors[row_tokens[row]].tolist()
             if ranks[0] == UNKNOWN:
                 continue
+            if self.sampler is not None:  # ranks as propose() drew them; emitted[j] had output index count - len + j
+                index = self.sampler.count - len(step.emitted) + j
+                ranks = [ranks[i] for i in self._race_order(int(row_tokens[row]), index)]
             self.rank_trials += 1
             if chosen in ranks:
                 self.rank_hits[ranks.index(chosen)] += 1
