@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from fastdecode.kernels import bf16_isa, source_digest
 from fastdecode.model import Transformer
+from fastdecode.weights import cache_root
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 MAX_NODES = SIZES[-1]
@@ -76,8 +76,7 @@ class CostCurve:
             f"|kernels={source_digest()}|isa={bf16_isa()}"
         )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-        root = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
-        path = root / "cost" / f"{digest}.json"
+        path = cache_root() / "cost" / f"{digest}.json"
         if path.is_file():
             return cls({int(n): r for n, r in json.loads(path.read_text())["ratios"].items()})
         curve = cls.measure(model)

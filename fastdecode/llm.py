@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastdecode.drafters import METHODS, check_method
 from fastdecode.cost import CostCurve
 from fastdecode.drafters.base import Drafter, DrafterEnv
 from fastdecode.drafters.head import DraftHead, load_head
+from fastdecode.drafters.recycling import TABLE_K, TABLE_PREFIX, model_successors
 from fastdecode.drafters.suffix import SuffixTrie, load_datastore
 from fastdecode.engine import Engine
 from fastdecode.model import MATRIX_DTYPES, Transformer, build_model
 from fastdecode.quant import QUANT_DTYPES, Blocks
 from fastdecode.output import RequestOutput
 from fastdecode.sampling import SamplingParams
-from fastdecode.weights import default_model_path, load_checkpoint
+from fastdecode.weights import cache_root, default_model_path, file_key, load_checkpoint
 
 # weight storage: bf16 / fp32 matrices, or ggml-style blocks (see quant.py); activations are fp32 in all
 DTYPES = tuple(MATRIX_DTYPES)
@@ -80,6 +83,7 @@ class LLM:
             self.datastore = load_datastore(datastore, self.encode, self.config.vocab_size)
         self._drafters: dict[str, Drafter] = {}
         self._cost_curve: CostCurve | None = None
+        self._successor_table: tuple[np.ndarray, np.ndarray] | None = None
 
     def generate(
         self, prompts: str | Sequence[str] | Sequence[list[int]], params: SamplingParams | None = None,
@@ -153,7 +157,28 @@ class LLM:
     def drafter_env(self) -> DrafterEnv:
         """What this LLM's drafters are built from: its model, cost curve, draft model, head, datastore."""
         return DrafterEnv(self.config, self.forward_cost, self.model, self.load_draft_model, self.load_draft_head,
-                          lambda: self.datastore)
+                          lambda: self.datastore, self.successor_table)
+
+    def successor_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """`recycling`'s starting matrix: every token's likeliest successors by this model (see
+        recycling.model_successors; ~28 s for SmolLM2-135M in bf16 here), built on first use and cached
+        on disk per model file, whatever the dtype (drafts only need the likeliest tokens)."""
+        if self._successor_table is None:
+            prefix = self.encode(TABLE_PREFIX)
+            path = cache_root() / "recycling" / f"{file_key(self.model_path, f'{prefix}|{TABLE_K}')}.npz"
+            if path.is_file():
+                with np.load(path) as saved:
+                    self._successor_table = (saved["successors"], saved["logits"])
+            else:
+                print(f"fastdecode: scoring every token's successors for `recycling` (once for this model; "
+                      f"cached in {path.parent})", file=sys.stderr)
+                self._successor_table = model_successors(self.model, prefix, TABLE_K)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(path, successors=self._successor_table[0], logits=self._successor_table[1])
+                except OSError:
+                    pass  # an unwritable cache only costs the rebuild next time
+        return self._successor_table
 
     def load_draft_model(self) -> Transformer | None:
         """The separate draft model given as `draft_model` (loaded on first use), or None."""

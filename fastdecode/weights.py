@@ -149,11 +149,24 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def cache_root() -> Path:
+    """Where fastdecode keeps what it derives from a model once (tokenizers, cost curves,
+    recycling tables): $FASTDECODE_CACHE, default ~/.cache/fastdecode."""
+    return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+
+
+def file_key(path: str | Path, extra: str = "") -> str:
+    """A short digest of a file's identity (resolved path, size, mtime; a directory's: its files')
+    and `extra`: a cache key that changes when the file does."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    ident = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha1(f"{ident}:{extra}".encode()).hexdigest()[:16]
+
+
 def _gguf_tokenizer(path: Path) -> Any:
     """Build the tokenizer stored in a GGUF file, cached as tokenizer.json (building takes ~10 s)."""
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode")) / "tokenizers" / key
+    cache = cache_root() / "tokenizers" / file_key(path)
     if (cache / "tokenizer.json").is_file():
         return _load_hf_tokenizer(cache)
     tokenizer = _load_hf_tokenizer(path.parent, gguf_file=path.name)

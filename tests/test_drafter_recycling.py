@@ -8,7 +8,7 @@ import torch
 
 from fastdecode import SamplingParams
 from fastdecode.drafters.base import DraftRequest, StepResult
-from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template
+from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template, model_successors
 from fastdecode.kernels import race_order_op
 from fastdecode.sampling import Sampler
 from fastdecode.tree import DraftTree
@@ -95,13 +95,18 @@ def test_unknown_rows_prune_the_template() -> None:
     assert tree.tokens == [2] and tree.parents == [-1]
 
 
-def test_prompt_bigrams_seed_only_unknown_rows() -> None:
-    drafter = TokenRecycling(VOCAB, k=2)
-    drafter.successors[3] = [40, 41]
-    drafter.begin([1, 2, 3, 4])
-    assert drafter.successors[1, 0] == 2 and drafter.successors[2, 0] == 3
-    assert drafter.successors[3].tolist() == [40, 41]  # the model's own list is kept
-    assert drafter.successors[4, 0] == UNKNOWN
+def test_prompt_bigrams_seed_only_rows_never_scored_in_a_context() -> None:
+    drafter = TokenRecycling(VOCAB, k=3)
+    drafter.update(StepResult(3, DraftTree(), ranked_logits([[40, 41, 42]]), [0], [40]))  # the model scored 3
+    drafter.successors[5] = [7, 8, 9]  # a table's row: not scored in a context
+    drafter.begin([1, 2, 3, 4, 5, 6, 1, 9])
+    assert drafter.successors[1].tolist() == [9, UNKNOWN, UNKNOWN]  # the last bigram wins
+    assert drafter.successors[2, 0] == 3
+    assert drafter.successors[3].tolist() == [40, 41, 42]  # the model's own list is kept
+    assert drafter.successors[5].tolist() == [6, 7, 8]  # first, the table's move down (the last drops)
+    assert drafter.successors[9, 0] == UNKNOWN
+    drafter.begin([5, 8])
+    assert drafter.successors[5].tolist() == [8, 6, 7]  # an entry already there moves up, none is lost
 
 
 def test_save_load_round_trip(tmp_path) -> None:
@@ -111,6 +116,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     restored = TokenRecycling(VOCAB, k=3)
     restored.load(tmp_path / "matrix.pt")
     assert np.array_equal(restored.successors, drafter.successors)
+    assert np.array_equal(restored.logits, drafter.logits) and np.array_equal(restored.scored, drafter.scored)
     assert restored.rank_hit_rates() == drafter.rank_hit_rates()
     assert restored.propose([4], 8).tokens == drafter.propose([4], 8).tokens
     with pytest.raises(ValueError, match="vocab_size, k"):
@@ -208,3 +214,48 @@ def test_native_race_order_equals_numpy(temperature: float, top_k: int, top_p: f
     monkeypatch.setattr("fastdecode.drafters.recycling.race_order_op", lambda: None)
     assert native == [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
     assert len({tuple(order) for order in native}) >= 5  # the orders differ: the test compares something
+
+
+def test_model_table_is_each_tokens_successors_after_the_prefix(tiny_llm) -> None:
+    """The batched, masked table equals one plain forward of prefix + token per token."""
+    model = tiny_llm.model
+    prefix = tiny_llm.encode("\n")
+    successors, logits = model_successors(model, prefix, 4, chunk=7)  # chunks that do not divide the vocabulary
+    assert successors.shape == logits.shape == (model.cfg.vocab_size, 4)
+    for token in (0, 5, 6, 7, 100, model.cfg.vocab_size - 1):
+        ids = prefix + [token]
+        row = model(torch.tensor(ids), torch.arange(len(ids)), model.new_cache(), last_only=True)[0]
+        assert torch.allclose(torch.from_numpy(logits[token]), row[successors[token]], atol=1e-4)
+        assert successors[token, 0] == int(row.argmax())
+        assert (np.diff(logits[token]) <= 0).all()
+
+
+def test_a_table_drafts_for_tokens_no_request_scored(tiny_llm) -> None:
+    vocab = tiny_llm.model.cfg.vocab_size
+    table = tiny_llm.successor_table()
+    drafter = TokenRecycling(vocab, k=4, table=table)
+    assert drafter.propose([0, 17], 1).tokens == [int(table[0][17, 0])]
+    assert TokenRecycling(vocab, k=4).propose([0, 17], 4).tokens == []  # without it: nothing to draft
+    with pytest.raises(ValueError, match="does not cover"):
+        TokenRecycling(vocab + 1, k=4, table=table)
+
+
+def test_the_llm_builds_its_table_once_and_caches_it_on_disk(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    from fastdecode import LLM
+    import fastdecode.llm as llm_module
+
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
+    builds = []
+    real = llm_module.model_successors
+    monkeypatch.setattr(llm_module, "model_successors", lambda *a: builds.append(1) or real(*a))
+    first = LLM(str(tiny_llama_dir), dtype="float32")
+    table = first.successor_table()
+    assert first.successor_table() is table and len(builds) == 1
+    assert list((tmp_path / "recycling").glob("*.npz"))
+    again = LLM(str(tiny_llama_dir), dtype="float32").successor_table()  # a new process would load it too
+    assert len(builds) == 1 and np.array_equal(again[0], table[0]) and np.array_equal(again[1], table[1])
+    LLM(str(tiny_llama_dir), dtype="bfloat16").successor_table()  # another dtype: the same model's table
+    assert len(builds) == 1
+    (tiny_llama_dir / "config.json").touch()  # a changed model file: a new table
+    LLM(str(tiny_llama_dir), dtype="float32").successor_table()
+    assert len(builds) == 2

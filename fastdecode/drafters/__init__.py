@@ -16,7 +16,7 @@ from fastdecode.drafters.suffix import SuffixDrafter
 
 METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "ar": lambda env: NoDraft(),
-    "recycling": lambda env: TokenRecycling(env.config.vocab_size),
+    "recycling": lambda env: TokenRecycling(env.config.vocab_size, table=env.successor_table()),
     "aded": lambda env: Aded(),
     "lookahead": lambda env: Lookahead(),
     "pld": lambda env: PromptLookupDrafter(),

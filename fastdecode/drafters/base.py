@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from fastdecode.config import ModelConfig
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
 @dataclass
 class DrafterEnv:
     """What a drafter may know when it is built: the model's shape, this machine's cost curve, for
-    drafters that draft with a model the target model and an optional draft model or head, and an
-    optional datastore for `suffix`."""
+    drafters that draft with a model the target model and an optional draft model or head, an
+    optional datastore for `suffix`, and the model's successor table for `recycling`."""
 
     config: ModelConfig
     cost: Callable[[int], float]  # time of an n-token forward over a 1-token one (measured lazily)
@@ -36,6 +37,8 @@ class DrafterEnv:
     draft_model: "Callable[[], Transformer | None]" = lambda: None  # a separate draft model, loaded on first use
     draft_head: "Callable[[], DraftHead | None]" = lambda: None  # a trained draft head, loaded on first use
     datastore: "Callable[[], SuffixTrie | None]" = lambda: None  # a corpus trie for `suffix` (LLM(datastore=))
+    # `recycling`'s starting matrix from the model itself (successors, logits), built on first use
+    successor_table: "Callable[[], tuple[np.ndarray, np.ndarray] | None]" = lambda: None
 
 
 @dataclass

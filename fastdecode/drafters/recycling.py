@@ -18,25 +18,39 @@ hand-made 80-node tree.
 
 The matrix persists across the requests of an LLM instance (the paper's "recycling" across
 queries); `save` / `load` keep it across processes. Unknown rows (-1) prune their subtree.
+
+Before any request the matrix starts from the model's own table (`model_successors`): every
+token's successors when it follows a newline alone, all 49,152 tokens of SmolLM2-135M in one
+~28 s pass of masked forwards (cached on disk by the LLM). Without it, the tokens no request had
+scored yet drafted nothing: in 971 greedy `auto` steps over 14 Spec-Bench prompts 22.6 % had an
+empty tree, every one at such a token. The table's top guess is right there 22.6 % of the time
+(top 4: 35.7 %); in-context rows replace table rows as the model scores them.
 """
 from __future__ import annotations
 
 import heapq
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.kernels import race_order_op, top_k_rows_op
+from fastdecode.kv_cache import KVCache
 from fastdecode.sampling import Sampler, int64_seed
 from fastdecode.tree import DraftTree
+
+if TYPE_CHECKING:
+    from fastdecode.model import Transformer
 
 UNKNOWN = -1
 # Prior hit rate of the rank-r successor; measured rates replace it as steps accumulate.
 PRIOR_RANK_HITS = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
 PRIOR_WEIGHT = 20.0  # pseudo-observations behind the prior
 MAX_DEPTH = 12
+TABLE_PREFIX = "\n"  # the table scores each token after this text alone (better than " " or a chat turn)
+TABLE_K = 8  # successors per token in the table
 RETEMPLATE_EVERY = 64  # steps between re-estimates of the rank hit rates
 
 
@@ -83,15 +97,48 @@ def top_k_rows(x: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
     return np.take_along_axis(top, order, 1)
 
 
+def model_successors(model: Transformer, prefix: list[int], k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Every token's k likeliest successors by `model` (int32 [vocab, k], best first) and their
+    logits, when the token follows `prefix` alone. `chunk` tokens a forward, each row attending to
+    the prefix and to itself."""
+    cfg = model.cfg
+    vocab, n_prefix = cfg.vocab_size, len(prefix)
+    successors = np.empty((vocab, k), dtype=np.int32)
+    logits = np.empty((vocab, k), dtype=np.float32)
+    cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, n_prefix + chunk, model.kv_dtype)
+    if prefix:
+        model(torch.tensor(prefix), torch.arange(n_prefix), cache)
+        cache.append(n_prefix)
+    op = top_k_rows_op()
+    for start in range(0, vocab, chunk):
+        tokens = torch.arange(start, min(vocab, start + chunk))
+        n = len(tokens)
+        mask = torch.zeros(n, n_prefix + n, dtype=torch.bool)
+        mask[:, :n_prefix] = True
+        mask[:, n_prefix:].fill_diagonal_(True)
+        rows = model(tokens, torch.full((n,), n_prefix), cache, mask).contiguous()
+        top = op(rows, k).numpy() if op is not None else top_k_rows(rows.numpy(), k)
+        successors[start : start + n] = top
+        logits[start : start + n] = np.take_along_axis(rows.numpy(), top.astype(np.int64), 1)
+    return successors, logits
+
+
 class TokenRecycling:
     """Drafter: walk a budget-sized BFS template from the root through the successor matrix."""
 
-    def __init__(self, vocab_size: int, k: int = 8) -> None:
+    def __init__(self, vocab_size: int, k: int = 8, table: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`table`: (successors, logits) [vocab, >= k] to start from (`model_successors`); else empty."""
         if k < 1 or k > vocab_size:
             raise ValueError(f"k={k} successors per token must be in [1, vocab_size={vocab_size}]")
         self.vocab_size, self.k = vocab_size, k
         self.successors = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [vocab, k]: 1.5 MB at 49k x 8
         self.logits = np.zeros((vocab_size, k), dtype=np.float32)  # the successors' logits when they were scored
+        if table is not None:
+            if table[0].shape[0] != vocab_size or table[0].shape[1] < k:
+                raise ValueError(f"a table of shape {table[0].shape} does not cover vocab_size={vocab_size}, k={k}")
+            self.successors[:] = table[0][:, :k]
+            self.logits[:] = table[1][:, :k]
+        self.scored = np.zeros(vocab_size, dtype=bool)  # rows the target scored in a request's context
         self.sampler: Sampler | None = None  # the request's, when it samples: drafts follow its noise
         self._orders: dict[tuple[int, int], list[int]] = {}  # (token, output index) -> race order, this step's
         self.rank_hits = np.zeros(k)  # accepted-path observations per rank
@@ -101,7 +148,8 @@ class TokenRecycling:
 
     # -- Drafter protocol --------------------------------------------------------------------
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
-        """Seed rows never scored by the model with the prompt's own bigrams (last one wins)."""
+        """Seed the rows the model never scored in a context with the prompt's own bigrams (last
+        one wins): the prompt's successor goes first, the row's others (a table's) move down."""
         sampler = request.sampler if request is not None else None
         self.sampler = sampler if sampler is not None and not sampler.params.greedy else None
         self._orders.clear()
@@ -109,9 +157,19 @@ class TokenRecycling:
             return
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         prev, nxt = prompt[:-1], prompt[1:]
-        fresh = self.successors[prev, 0] == UNKNOWN
-        self.successors[prev[fresh], 0] = nxt[fresh]
-        self.logits[prev[fresh], 0] = 0.0  # one candidate: its logit does not matter
+        fresh = ~self.scored[prev]
+        prev, nxt = prev[fresh][::-1], nxt[fresh][::-1]
+        prev, last = np.unique(prev, return_index=True)  # the first of the reversed: the last bigram
+        nxt = nxt[last]
+        rows, logits = self.successors[prev], self.logits[prev]
+        found = rows == nxt[:, None]
+        moved = np.where(found.any(1), found.argmax(1), self.k - 1)  # nxt's old rank, else the last (dropped)
+        ranks = np.arange(self.k)
+        source = np.where((ranks <= moved[:, None]) & (ranks > 0), ranks - 1, ranks)  # ranks 1..moved shift down
+        new_rows = np.take_along_axis(rows, source, 1)
+        new_rows[:, 0] = nxt
+        new_logits = np.take_along_axis(logits, source, 1)  # nxt takes the row's best logit (an unknown row's 0)
+        self.successors[prev], self.logits[prev] = new_rows, new_logits
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         """Walk the template; a node lives if its parent did and its successor is known. A Python
@@ -152,6 +210,7 @@ class TokenRecycling:
         accepted = np.asarray(step.accepted_rows)
         self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
         self.logits[row_tokens[accepted]] = values[accepted]
+        self.scored[row_tokens] = True
         self.steps += 1
         if self.steps % RETEMPLATE_EVERY == 0:
             self._templates.clear()
@@ -162,7 +221,8 @@ class TokenRecycling:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         torch.save({"successors": torch.from_numpy(self.successors), "logits": torch.from_numpy(self.logits),
-                    "rank_hits": torch.from_numpy(self.rank_hits), "rank_trials": self.rank_trials}, str(path))
+                    "scored": torch.from_numpy(self.scored), "rank_hits": torch.from_numpy(self.rank_hits),
+                    "rank_trials": self.rank_trials}, str(path))
 
     def load(self, path: str | Path) -> None:
         state = torch.load(str(path), weights_only=True)
@@ -176,6 +236,8 @@ class TokenRecycling:
         logits = state.get("logits")  # absent in files saved before the successors' logits were kept
         self.logits = (np.zeros(successors.shape, dtype=np.float32) if logits is None
                        else logits.numpy().astype(np.float32, copy=True))
+        scored = state.get("scored")  # absent in files saved before tables: every known row was scored
+        self.scored = (self.successors[:, 0] != UNKNOWN) if scored is None else scored.numpy().astype(bool, copy=True)
         self.rank_hits = state["rank_hits"].numpy().astype(np.float64, copy=True)
         self.rank_trials = int(state["rank_trials"])
         self._templates.clear()

@@ -25,6 +25,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(llm, model_name=args.served_model_name, method=args.method, max_batch=args.max_batch,
                      max_waiting=args.max_waiting, api_key=args.api_key, engine_thread=False,
                      prefill_chunk=args.prefill_chunk)
+    llm.new_drafter(args.method)  # what the default method builds on first use (recycling's table) is built now
     engine = app.state.engine
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 
