@@ -109,18 +109,23 @@ def model_successors(model: Transformer, prefix: list[int], k: int, chunk: int =
     if prefix:
         model(torch.tensor(prefix), torch.arange(n_prefix), cache)
         cache.append(n_prefix)
-    op = top_k_rows_op()
     for start in range(0, vocab, chunk):
         tokens = torch.arange(start, min(vocab, start + chunk))
         n = len(tokens)
         mask = torch.zeros(n, n_prefix + n, dtype=torch.bool)
         mask[:, :n_prefix] = True
         mask[:, n_prefix:].fill_diagonal_(True)
-        rows = model(tokens, torch.full((n,), n_prefix), cache, mask).contiguous()
-        top = op(rows, k).numpy() if op is not None else top_k_rows(rows.numpy(), k)
-        successors[start : start + n] = top
-        logits[start : start + n] = np.take_along_axis(rows.numpy(), top.astype(np.int64), 1)
+        successors[start : start + n], logits[start : start + n] = _top_k(
+            model(tokens, torch.full((n,), n_prefix), cache, mask), k)
     return successors, logits
+
+
+def _top_k(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest logits, largest first: (indices int64, values), by the native op where built."""
+    logits = logits.float().contiguous()
+    op = top_k_rows_op()
+    top = op(logits, k).numpy() if op is not None else top_k_rows(logits.numpy(), k)
+    return top, np.take_along_axis(logits.numpy(), top, 1)
 
 
 class TokenRecycling:
@@ -201,10 +206,7 @@ class TokenRecycling:
     def update(self, step: StepResult) -> None:
         row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
         self._count_rank_hits(row_tokens, step)
-        op = top_k_rows_op()
-        logits = step.logits.float().contiguous()
-        top = op(logits, self.k).numpy() if op is not None else top_k_rows(logits.numpy(), self.k)  # [len(tree) + 1, k]
-        values = np.take_along_axis(logits.numpy(), top.astype(np.int64), 1)
+        top, values = _top_k(step.logits, self.k)  # [len(tree) + 1, k]
         self.successors[row_tokens] = top
         self.logits[row_tokens] = values
         accepted = np.asarray(step.accepted_rows)
