@@ -77,8 +77,10 @@ class CostCurve:
         )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         path = cache_root() / "cost" / f"{digest}.json"
-        if path.is_file():
-            return cls({int(n): r for n, r in json.loads(path.read_text())["ratios"].items()})
+        try:
+            return cls({int(n): float(r) for n, r in json.loads(path.read_text())["ratios"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # none yet, or unreadable: measure and write it again
         curve = cls.measure(model)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

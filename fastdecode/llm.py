@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,10 +168,8 @@ class LLM:
         if self._successor_table is None:
             prefix = self.encode(TABLE_PREFIX)
             path = cache_root() / "recycling" / f"{file_key(self.model_path, f'{prefix}|{TABLE_K}')}.npz"
-            if path.is_file():
-                with np.load(path) as saved:
-                    self._successor_table = (saved["successors"], saved["logits"])
-            else:
+            self._successor_table = _load_table(path, self.config.vocab_size)
+            if self._successor_table is None:
                 print(f"fastdecode: scoring every token's successors for `recycling` (once for this model; "
                       f"cached in {path.parent})", file=sys.stderr)
                 self._successor_table = model_successors(self.model, prefix, TABLE_K)
@@ -224,6 +224,18 @@ class LLM:
             pass
         assert out is not None
         return out
+
+
+def _load_table(path: Path, vocab: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cached successor table, or None when there is none or it is unreadable or of another shape
+    (then it is built again and the file rewritten)."""
+    try:
+        with np.load(path) as saved:
+            table = (saved["successors"], saved["logits"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    ok = table[0].shape == table[1].shape == (vocab, TABLE_K)
+    return table if ok else None
 
 
 def _tokenizer_eos(tokenizer: Any) -> set[int]:

@@ -63,3 +63,16 @@ def test_observed_acceptance_raises_scores_and_tree_size() -> None:
 def test_cost_curve_interpolates_and_extrapolates() -> None:
     curve = CostCurve({1: 1.0, 2: 1.2, 4: 2.0})
     assert curve(1) == 1.0 and curve(3) == 1.6 and abs(curve(6) - 2.8) < 1e-9
+
+
+def test_a_damaged_cost_cache_is_measured_again(tiny_llm, tmp_path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path))
+    first = CostCurve.cached(tiny_llm.model, "tiny|float32")
+    (cached,) = (tmp_path / "cost").glob("*.json")
+    for damage in ("{not json", '{"ratios": [1, 2]}', '{"other": 1}'):
+        cached.write_text(damage)
+        again = CostCurve.cached(tiny_llm.model, "tiny|float32")
+        assert list(again.ratios) == list(first.ratios) and again(1) == 1.0
+        assert json.loads(cached.read_text())["ratios"]  # written again

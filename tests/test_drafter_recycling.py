@@ -259,3 +259,7 @@ def test_the_llm_builds_its_table_once_and_caches_it_on_disk(tiny_llama_dir, tmp
     (tiny_llama_dir / "config.json").touch()  # a changed model file: a new table
     LLM(str(tiny_llama_dir), dtype="float32").successor_table()
     assert len(builds) == 2
+    for cached in (tmp_path / "recycling").glob("*.npz"):
+        cached.write_bytes(b"not a table")  # a damaged cache is built again, not a crash
+    rebuilt = LLM(str(tiny_llama_dir), dtype="float32").successor_table()
+    assert len(builds) == 3 and np.array_equal(rebuilt[0], table[0])
