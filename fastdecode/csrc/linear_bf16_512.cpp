@@ -21,11 +21,15 @@
 // fixed horizontal sum, so a row's result does not depend on n, the tile it falls in or the
 // thread count.
 //
-// The weights are prefetched 8 KB ahead of each row's reads as non-temporal (prefetchnta): each
-// is read once a forward, and so it evicts less of what is reused (the KV cache, activations,
-// and the Python that runs between forwards). Five interleaved in-place A/Bs against prefetcht0
-// (14-28 prompts, 256 tokens): `auto` +3.7, +1.0, -0.1, +4.8 % greedy and +4.3 % sampled, `ar`
-// +6.5, -1.6, +3.4, +2.2 % and +5.5 %; a greedy `auto` step's Python 10-20 % less in place.
+// The weights are prefetched 8 KB ahead of each row's reads into L2 (prefetcht1). Each is read
+// once a forward. Prefetched into L1 (prefetchnta, kept before, or prefetcht0), a tile's
+// multiply-adds did not overlap the stream: a 9-token tree's linears took 1.3x a one-token
+// step's. Into L2 the multiply-adds of up to ~9 tokens hide under the stream. (A likely cause,
+// not measured: each line prefetched into L1 holds one of the core's few L1 miss buffers until
+// it arrives, which caps the lines in flight; L2 tracks more.) On the AVX512-BF16 EPYC (2 threads), the 30 layers' linears streamed alone: 1 token 10.9 ->
+// 8.7 ms, 9 tokens 14.1 -> 8.7 ms. In place (28 Spec-Bench prompts, 256 tokens, `ar` and `auto`
+// interleaved per prompt, each hint its own process, two rounds alternated): greedy `ar` +26 %,
+// `auto` +49 % (its ratio 2.07x -> 2.36x / 2.57x); sampled `ar` +28 %, `auto` +49 %.
 //
 // The functions are compiled for AVX512 by the pragma below while the rest of the extension
 // stays AVX2; bf16_linear calls them only when the CPU reports avx512bf16 (see has_avx512bf16).
@@ -50,7 +54,7 @@ namespace {
 constexpr int kUnit = 8;                  // weight rows per unit of parallel work
 constexpr int64_t kL1Bytes = 24 * 1024;   // bf16 activation bytes per token chunk
 constexpr int64_t kRowChunk = 64;         // weight rows per L2-resident chunk
-constexpr int64_t kPrefetchBytes = 8192;  // prefetch the weights this far ahead of each row's reads (NTA)
+constexpr int64_t kPrefetchBytes = 8192;  // prefetch the weights this far ahead of each row's reads (into L2)
 constexpr int64_t kMinTaskMacs = 1 << 18; // below this a task runs inline
 
 // The sum of 16 lanes: the two 8-lane halves added lane by lane, then hsum8's order.
@@ -77,7 +81,7 @@ inline void tile(const uint16_t* w, const uint16_t* xb, float* y, const float* b
     __m512bh wv[R];
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(pf + 2 * (r * K + k), _MM_HINT_NTA);
+      _mm_prefetch(pf + 2 * (r * K + k), _MM_HINT_T1);
       wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
     }
 #pragma GCC unroll 32
