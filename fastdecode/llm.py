@@ -27,7 +27,11 @@ from fastdecode.weights import cache_root, default_model_path, file_key, load_ch
 # weight storage: bf16 / fp32 matrices, or ggml-style blocks (see quant.py); activations are fp32 in all
 DTYPES = tuple(MATRIX_DTYPES)
 DEFAULT_MAX_MODEL_LEN = 8192
-DEFAULT_DRAFT_BUDGET = 8
+# draft nodes a step at most. With the bf16 weights prefetched into L2, a tree of up to ~6 nodes
+# costs little more than a one-token step on the AVX512-BF16 EPYC and each node past that ~8 %
+# more: interleaved in one process (28 Spec-Bench prompts, greedy), `auto` at 6 nodes 2.58x / 2.50x
+# our AR against 2.31-2.45x at 8 (a larger tree's higher tau did not pay for its nodes)
+DEFAULT_DRAFT_BUDGET = 6
 # generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
 # fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-greedy-final and
 # avx512-bf16-sampled-final), and lossless like every method

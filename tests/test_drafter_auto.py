@@ -76,3 +76,54 @@ def test_a_damaged_cost_cache_is_measured_again(tiny_llm, tmp_path, monkeypatch)
         again = CostCurve.cached(tiny_llm.model, "tiny|float32")
         assert list(again.ratios) == list(first.ratios) and again(1) == 1.0
         assert json.loads(cached.read_text())["ratios"]  # written again
+
+
+def _knee(k: int) -> float:
+    """A step's time by draft size: flat up to 5 nodes, then 8 % more per node."""
+    return 1.0 if k <= 5 else 1.0 + 0.08 * (k - 5)
+
+
+def test_step_cost_learns_a_knee_the_prior_lacks_despite_context_drift() -> None:
+    import math
+    import random
+
+    from fastdecode.drafters.auto import StepCost
+
+    cost = StepCost(lambda n: 1.0)  # the prior: every size costs the same
+    assert cost.costs(8) == [1.0] * 9
+    rng, context = random.Random(0), 1.0
+    for step in range(400):  # mostly full trees, now and then 4-7 nodes; every step slower than the last
+        context *= 1.003  # over the run, the context's growth outweighs the knee
+        size = 8 if step % 4 else rng.choice([4, 5, 6, 7])
+        cost.observe(size, 0.01 * context * _knee(size) * math.exp(rng.gauss(0, 0.05)))
+    learned = cost.costs(8)
+    assert all(a <= b for a, b in zip(learned, learned[1:]))  # never cheaper with more nodes
+    for k in range(4, 9):  # relative to 4 nodes, within a few percent
+        assert abs(learned[k] / learned[4] - _knee(k)) < 0.04, (k, learned)
+
+
+def test_step_cost_never_pairs_steps_of_different_requests() -> None:
+    from fastdecode.drafters.auto import StepCost
+
+    cost = StepCost(lambda n: 1.0)
+    for seconds in (0.01, 0.02, 0.04):  # each request one step of 8 nodes, then a long one of 2
+        cost.new_request()
+        cost.observe(8, seconds)
+        cost.new_request()
+        cost.observe(2, seconds * 10)
+    assert cost.costs(8) == [1.0] * 9
+
+
+def test_auto_explores_sizes_beside_the_best_and_shrinks_to_the_knee() -> None:
+    member = Fixed(DraftTree.chain([5, 6, 7, 8, 9, 10, 11, 12]))
+    auto = AutoDrafter({"a": member}, _linear_cost(0.0))  # the prior: nodes are free
+    sizes = []
+    for step in range(400):
+        tree = auto.propose([1], budget=8)
+        sizes.append(len(tree))
+        auto._last = (len(tree), auto._last[1] - 0.01 * _knee(len(tree)))  # as if the step took that long
+        rows = [0, 1, 2][: 2 + step % 2][: len(tree) + 1]  # depth 1 always accepted, depth 2 every other step
+        auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 20), rows, [tree.tokens[r - 1] for r in rows[1:]] + [0]))
+    assert sizes[0] == 8 and len(set(sizes[:40])) >= 3  # a full tree first, and sizes beside the best
+    # deep nodes are seldom right; free, they would still be drafted, but past the knee they do not pay
+    assert sorted(sizes[-48:])[24] <= 5, sizes[-48:]

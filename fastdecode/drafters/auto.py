@@ -10,17 +10,23 @@ and the top-k nodes always form a tree. The tree keeps the k best nodes maximisi
 (1 + sum of scores) / step_cost(k) (the 1 is the bonus token every step yields); k = 0 is plain
 decoding.
 
-step_cost(k) is the wall time of a whole step with k draft nodes over one with none, learned
-while decoding (`StepCost`): the time from one propose() to the next covers the members'
-proposals, the forward, verification and the members' updates, which a forward-only curve
-measured at load misses (with 10 ms int4 forwards the members' Python work is ~15 % of a step,
-and tree forwards cost more in place than in a warm, repeated measurement).
+step_cost(k) is the wall time of a whole step with k draft nodes, learned while decoding
+(`StepCost`): the time from one propose() to the next covers the members' proposals, the
+forward, verification and the members' updates, which a forward-only curve measured at load
+misses. It is learned per size, not as a line: with the bf16 weights prefetched into L2, a tree
+of up to ~6 nodes costs little more than a one-token step and every node past it ~8 % of one
+(the multiply-adds stop hiding under the weight stream), a knee no slope fits. So every
+EXPLORE_EVERY-th step drafts one or two nodes more or fewer than the best size, and the cost of
+each size is fitted to the time differences of consecutive steps.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from fastdecode.drafters.base import DraftRequest, Drafter, StepResult
 from fastdecode.tree import DraftTree
@@ -29,44 +35,76 @@ BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has s
 PRIOR_WEIGHT = 3.0  # the prior counts as this many trials
 MAX_RANK = 3  # siblings beyond the 3rd share one statistic
 MAX_TRIALS = 5000.0  # counts are rescaled past this, so the rates follow a changing workload
+EXPLORE_EVERY = 8  # every 8th step tries a size next to the best, so StepCost sees them
+EXPLORE_OFFSETS = (-1, 1, -2, 2)  # taken in turn, clipped to the nodes at hand
 
 
 class StepCost:
-    """A step's wall time as a + b * nodes, fitted by exponentially weighted least squares over the
-    steps seen, relative to a + 0: `ratio(k) = 1 + slope * k`. Until the observed sizes vary enough
-    to pin the slope, it leans on the prior (the load-time forward curve's slope over 8 nodes):
-    the prior counts as PRIOR_STEPS observations spread over 0 and 8 nodes."""
+    """Relative wall time of a step per draft size k, learned while decoding.
 
-    DECAY = 0.995  # per observation: the fit follows the last few hundred steps
-    PRIOR_STEPS = 8.0
-    PRIOR_SPAN = 8
+    A step's time depends on the context length (attention) as much as on k, so sizes are not
+    compared across requests or far-apart steps: two consecutive steps of sizes a != b give one
+    observation of log t(b) - log t(a), their contexts being nearly the same. The log costs are
+    the prior curve's (the load-time forward curve, k nodes costing prior(k + 1)) plus a
+    correction g(k) fitted to those differences by least squares, with g kept smooth across
+    adjacent sizes (weight SMOOTH), so a size never seen next to another follows the prior's shape
+    from its neighbours. The result is made non-decreasing in k (pool adjacent violators): a
+    larger tree never costs less. Old pairs fade (DECAY per pair)."""
 
-    def __init__(self, prior: Callable[[int], float]) -> None:
-        self.prior_slope = max((prior(self.PRIOR_SPAN + 1) - prior(1)) / self.PRIOR_SPAN, 0.0)
-        self.sums = [0.0] * 5  # sum of w, w k, w k^2, w t, w k t
+    DECAY = 0.995  # per observed pair: the fit follows the last few hundred
+    SMOOTH = 1.0
+    RIDGE = 1e-3  # pins the level of g, which the differences leave free
+
+    def __init__(self, prior: Callable[[int], float], max_nodes: int = 64) -> None:
+        self.prior = np.log(np.maximum([prior(k + 1) for k in range(max_nodes + 1)], 1e-6))
+        self.gram = np.zeros((max_nodes + 1, max_nodes + 1))  # sum over pairs of (e_b - e_a)(e_b - e_a)^T
+        self.rhs = np.zeros(max_nodes + 1)  # sum over pairs of (e_b - e_a) * observed log ratio
+        self.last: tuple[int, float] | None = None  # the previous step of this request: (nodes, seconds)
+        self._solved: dict[int, list[float]] = {}
+
+    def new_request(self) -> None:
+        self.last = None
 
     def observe(self, nodes: int, seconds: float) -> None:
-        for i in range(5):
-            self.sums[i] *= self.DECAY
-        for i, v in enumerate((1.0, nodes, nodes * nodes, seconds, nodes * seconds)):
-            self.sums[i] += v
+        if nodes >= len(self.rhs) or seconds <= 0:
+            return
+        last, self.last = self.last, (nodes, seconds)
+        if last is None or last[0] == nodes:
+            return
+        a, b, diff = last[0], nodes, math.log(seconds / last[1])
+        self.gram *= self.DECAY
+        self.rhs *= self.DECAY
+        self.gram[a, a] += 1.0
+        self.gram[b, b] += 1.0
+        self.gram[a, b] -= 1.0
+        self.gram[b, a] -= 1.0
+        self.rhs[b] += diff
+        self.rhs[a] -= diff
+        self._solved.clear()
 
-    def slope(self) -> float:
-        """Relative cost of one more node: b / a, blended with the prior by how well the data pin it."""
-        w, wk, wkk, wt, wkt = self.sums
-        if w < 1.0:
-            return self.prior_slope
-        spread = wkk - wk * wk / w  # weighted sum of squared deviations of k
-        b = (wkt - wk * wt / w) / spread if spread > 1e-9 else 0.0
-        a = (wt - b * wk) / w
-        if a <= 0:
-            return self.prior_slope
-        # the prior as PRIOR_STEPS observations half at 0, half at PRIOR_SPAN nodes: its spread
-        prior_spread = self.PRIOR_STEPS * (self.PRIOR_SPAN / 2) ** 2
-        return max((spread * b / a + prior_spread * self.prior_slope) / (spread + prior_spread), 0.0)
+    def costs(self, n: int) -> list[float]:
+        """Relative cost of a step with k nodes, k = 0..n (cost 1 at k = 0)."""
+        n = min(n, len(self.rhs) - 1)
+        if n not in self._solved:
+            m = n + 1
+            gram, prior = self.gram[:m, :m], self.prior[:m]
+            smooth = np.diag(np.r_[1.0, np.full(m - 2, 2.0), 1.0] if m > 1 else [0.0])
+            smooth -= np.eye(m, k=1) + np.eye(m, k=-1)
+            g = np.linalg.solve(gram + self.SMOOTH * smooth + self.RIDGE * np.eye(m), self.rhs[:m] - gram @ prior)
+            logs = _pooled_non_decreasing(prior + g)
+            self._solved[n] = np.exp(logs - logs[0]).tolist()
+        return self._solved[n]
 
-    def __call__(self, nodes: int) -> float:
-        return 1.0 + self.slope() * nodes
+
+def _pooled_non_decreasing(values: np.ndarray) -> np.ndarray:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values.tolist():
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return np.array([mean for mean, count in blocks for _ in range(int(count))])
 
 
 @dataclass
@@ -85,9 +123,11 @@ class AutoDrafter:
         self.stats: dict[tuple[str, int, int], list[float]] = {}
         self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
+        self._steps = 0
 
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self._last = None  # the time since the last request's step is not a step
+        self.step_cost.new_request()
         for member in self.members.values():
             member.begin(prompt_ids, request)
 
@@ -117,7 +157,12 @@ class AutoDrafter:
             best = max(self.rate(key) for key in node.keys)
             node.score = best * (1.0 if node.parent < 0 else nodes[node.parent].score)
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, i))[:budget]
-        keep = sorted(order[: self._best_size([nodes[i].score for i in order])])
+        size = self._best_size([nodes[i].score for i in order])
+        self._steps += 1
+        if self._steps % EXPLORE_EVERY == 0:
+            offset = EXPLORE_OFFSETS[self._steps // EXPLORE_EVERY % len(EXPLORE_OFFSETS)]
+            size = min(max(size + offset, 0), len(order))
+        keep = sorted(order[:size])
         remap = {old: new for new, old in enumerate(keep)}
         parents = [remap[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep]
         self._chosen = [(nodes[i], parent) for i, parent in zip(keep, parents)]
@@ -145,11 +190,11 @@ class AutoDrafter:
 
     def _best_size(self, scores: list[float]) -> int:
         """k maximising (1 + sum of the k best scores) / step_cost(k)."""
-        best_k, best_value, expected = 0, 1.0, 1.0
-        slope = self.step_cost.slope()
-        for k, score in enumerate(scores, start=1):
+        costs = self.step_cost.costs(len(scores))
+        best_k, best_value, expected = 0, 1.0 / costs[0], 1.0
+        for k, score in enumerate(scores[: len(costs) - 1], start=1):
             expected += score
-            value = expected / (1.0 + slope * k)
+            value = expected / costs[k]
             if value > best_value:
                 best_k, best_value = k, value
         return best_k
