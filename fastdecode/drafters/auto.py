@@ -88,8 +88,8 @@ class StepCost:
         if n not in self._solved:
             m = n + 1
             gram, prior = self.gram[:m, :m], self.prior[:m]
-            smooth = np.diag(np.r_[1.0, np.full(m - 2, 2.0), 1.0] if m > 1 else [0.0])
-            smooth -= np.eye(m, k=1) + np.eye(m, k=-1)
+            step = np.diff(np.eye(m), axis=0)  # rows e_{k+1} - e_k: g's differences between adjacent sizes
+            smooth = step.T @ step
             g = np.linalg.solve(gram + self.SMOOTH * smooth + self.RIDGE * np.eye(m), self.rhs[:m] - gram @ prior)
             logs = _pooled_non_decreasing(prior + g)
             self._solved[n] = np.exp(logs - logs[0]).tolist()
