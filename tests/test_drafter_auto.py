@@ -112,6 +112,11 @@ def test_step_cost_never_pairs_steps_of_different_requests() -> None:
         cost.new_request()
         cost.observe(2, seconds * 10)
     assert cost.costs(8) == [1.0] * 9
+    small = StepCost(lambda n: 1.0, max_nodes=8)
+    small.observe(2, 0.01)
+    small.observe(9, 0.5)  # more nodes than it tracks: neither kept nor a partner for the next step
+    small.observe(8, 0.1)
+    assert small.costs(8) == [1.0] * 9
 
 
 def test_auto_explores_sizes_beside_the_best_and_shrinks_to_the_knee() -> None:

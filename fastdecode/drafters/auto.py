@@ -66,7 +66,8 @@ class StepCost:
         self.last = None
 
     def observe(self, nodes: int, seconds: float) -> None:
-        if nodes >= len(self.rhs) or seconds <= 0:
+        if nodes >= len(self.rhs) or seconds <= 0:  # not recorded: nor paired with the step after it
+            self.last = None
             return
         last, self.last = self.last, (nodes, seconds)
         if last is None or last[0] == nodes:
