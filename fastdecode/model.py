@@ -258,6 +258,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
+        self._stacks: dict[tuple[int, ...], tuple[Any, ...]] = {}  # _stacked(), per layer set
         self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
         # the last `forward`'s final hidden states, before the norm, every row (the `head` drafter
         # reads them); None after a batched forward
@@ -301,9 +302,9 @@ class Transformer(nn.Module):
         blocks = list(self.blocks)  # ModuleList indexing costs ~3 us a layer
         order = range(len(blocks)) if layers is None else layers
         ops = layer_ops()
-        if kernel is not None and ops is not None:  # Block.forward's native path, minus ~30 module calls
-            for layer in order:
-                x = blocks[layer].native(ops, x, cache, layer, rot_real, mask)
+        if kernel is not None and ops is not None:  # Block.forward's native path, every layer in one call
+            b = blocks[0]
+            x = ops.layers(x, *self._stacked(order), cache.k, cache.v, cache.length, rot_real, mask, b.n_heads, b.n_kv)
         else:
             for layer in order:
                 x = blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
@@ -311,6 +312,18 @@ class Transformer(nn.Module):
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
+
+    def _stacked(self, order: Sequence[int]) -> tuple[Any, ...]:
+        """(attn norms, mlp norms, eps, the linears' entries flat, layer ids): the layers `order`
+        as the native `layers` op takes them, built once per layer set."""
+        key = tuple(order)
+        stacked = self._stacks.get(key)
+        if stacked is None:
+            weights = [self.blocks[i].native_weights() for i in key]  # (attn_norm, mlp_norm, eps, 4 specs)
+            linears = [entry for w in weights for spec in w[3:] for entry in spec]
+            eps = weights[0][2] if weights else 1e-6
+            stacked = self._stacks[key] = ([w[0] for w in weights], [w[1] for w in weights], eps, linears, list(key))
+        return stacked
 
     @torch.inference_mode()
     def forward_batch(self, segments: list[Segment]) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastdecode.kernels import race_pick_op, sample_row_op
+from fastdecode.kernels import argmax_rows_op, race_pick_op, sample_row_op
 
 
 @dataclass
@@ -75,7 +75,11 @@ class SamplingParams:
 
 def argmax_rows(logits: torch.Tensor) -> list[int]:
     """The argmax of every row of `logits [rows, vocab]` (first index on ties, as torch.argmax).
-    numpy's is ~25x faster than torch's on this CPU (5 vs 130 us for a 49152-wide row)."""
+    numpy's is ~25x faster than torch's on this CPU (5 vs 130 us for a 49152-wide row); the
+    native op's is numpy's, and in place, after a forward, ~25 us against numpy's ~90 for 7 rows."""
+    op = argmax_rows_op()
+    if op is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous():
+        return op(logits)
     return logits.numpy().argmax(-1).tolist()
 
 

@@ -134,6 +134,43 @@ def test_rank_hit_rates_follow_accepted_paths() -> None:
     assert after[1] > before[1] and after[0] < before[0]
 
 
+@pytest.mark.parametrize("vocab,k", [(VOCAB, 4), (49152, 8)])
+def test_native_update_equals_numpy(monkeypatch: pytest.MonkeyPatch, vocab: int, k: int) -> None:
+    """The native table update (one call) leaves the successors, their logits and `scored` exactly
+    as the numpy route does, over steps whose trees repeat tokens (accepted rows win) and whose
+    rows hold NaNs (fewer than k successors: unknown, logit 0); bad rows are refused."""
+    import fastdecode.drafters.recycling as recycling
+    from fastdecode.kernels import recycle_update_op
+
+    assert recycle_update_op() is not None, "the fastdecode kernels failed to build"
+    rng = np.random.default_rng(vocab)
+    native, plain = TokenRecycling(vocab, k=k), TokenRecycling(vocab, k=k)
+    for step in range(12):
+        tokens = rng.integers(0, 6, size=int(rng.integers(0, 7))).tolist()  # few tokens: duplicates
+        tree = DraftTree(tokens, [i - 1 for i in range(len(tokens))])
+        logits = torch.from_numpy(rng.standard_normal((len(tokens) + 1, vocab)).astype(np.float32))
+        if step % 3 == 0:
+            logits[0, k // 2 :] = float("nan")  # row 0 keeps only k // 2 values
+        accepted = list(range(int(rng.integers(1, len(tokens) + 2))))
+        result = StepResult(int(rng.integers(0, 6)), tree, logits, accepted, [1] * len(accepted))
+        native.update(result)
+        with monkeypatch.context() as m:
+            m.setattr(recycling, "recycle_update_op", lambda: None)
+            plain.update(result)
+        assert np.array_equal(native.successors, plain.successors)
+        assert np.array_equal(native.logits, plain.logits)
+        assert np.array_equal(native.scored, plain.scored)
+    assert (native.successors[:6] != UNKNOWN).any() and native.scored[:6].any()
+    op = recycle_update_op()
+    tables = (torch.from_numpy(native.successors), torch.from_numpy(native.logits), torch.from_numpy(native.scored))
+    with pytest.raises(RuntimeError, match=f"row token {vocab} is outside"):
+        op(*tables, [0, vocab], torch.zeros(2, vocab), [0])
+    with pytest.raises(RuntimeError, match="accepted row 2 is outside"):
+        op(*tables, [0, 1], torch.zeros(2, vocab), [2])
+    with pytest.raises(RuntimeError, match="rows holds 1 tokens for 2 rows"):
+        op(*tables, [0], torch.zeros(2, vocab), [0])
+
+
 @pytest.mark.parametrize("n,vocab,k", [(1, 49152, 8), (9, 49152, 8), (3, 320, 8), (2, 10, 3), (4, 8192, 4)])
 def test_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None:
     """The chunked search (wide rows) and the plain one (narrow rows) find torch.topk's indices in order."""

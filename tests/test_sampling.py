@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fastdecode import SamplingParams
-from fastdecode.sampling import Sampler
+from fastdecode.sampling import Sampler, argmax_rows
 
 PROMPT = "Once upon a time"
 
@@ -270,3 +270,23 @@ def test_race_order_over_the_whole_distribution_starts_with_the_samplers_pick(
             assert all(weights[i] == 0 for i in order[np.count_nonzero(weights):])  # excluded tokens last
             firsts.add(order[0] != int(logits.argmax()))
     assert firsts == {True, False}  # the order is the race's, not the weights' (which would give the argmax)
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 8, 49152, 49157])
+def test_native_argmax_rows_equals_numpy(vocab: int) -> None:
+    """The native argmax (the verifier's in greedy, the drafters' otherwise) is numpy's: the first
+    index on ties, a row's first NaN where it has one, -inf rows, rows not a multiple of 8 wide."""
+    from fastdecode.kernels import argmax_rows_op
+
+    op = argmax_rows_op()
+    assert op is not None, "the fastdecode kernels failed to build"
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((6, vocab)).astype(np.float32)
+    x[1] = np.round(x[1])  # ties at the max
+    x[1, -1] = x[1].max()  # one of them in the tail
+    x[2] = -np.inf
+    x[3, vocab // 2] = np.nan
+    x[3, -1] = np.nan
+    x[4, -1] = 100.0  # the max in the tail
+    assert op(torch.from_numpy(x)) == x.argmax(-1).tolist()
+    assert argmax_rows(torch.from_numpy(x)) == x.argmax(-1).tolist()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastdecode.drafters.base import DraftRequest, StepResult
-from fastdecode.kernels import race_order_op, top_k_rows_op
+from fastdecode.kernels import race_order_op, recycle_update_op, top_k_rows_op
 from fastdecode.kv_cache import KVCache
 from fastdecode.sampling import Sampler, int64_seed
 from fastdecode.tree import DraftTree
@@ -125,7 +125,7 @@ def _top_k(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     logits = logits.float().contiguous()
     op = top_k_rows_op()
     top = op(logits, k).numpy() if op is not None else top_k_rows(logits.numpy(), k)
-    return top, np.take_along_axis(logits.numpy(), top, 1)
+    return top, np.where(top >= 0, np.take_along_axis(logits.numpy(), np.maximum(top, 0), 1), 0.0).astype(np.float32)
 
 
 class TokenRecycling:
@@ -150,6 +150,7 @@ class TokenRecycling:
         self.rank_trials = 0
         self.steps = 0
         self._templates: dict[int, list[tuple[int, int]]] = {}
+        self._views: tuple[tuple[np.ndarray, ...], tuple[torch.Tensor, ...]] | None = None  # _tensors()
 
     # -- Drafter protocol --------------------------------------------------------------------
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
@@ -206,13 +207,17 @@ class TokenRecycling:
     def update(self, step: StepResult) -> None:
         row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
         self._count_rank_hits(row_tokens, step)
-        top, values = _top_k(step.logits, self.k)  # [len(tree) + 1, k]
-        self.successors[row_tokens] = top
-        self.logits[row_tokens] = values
-        accepted = np.asarray(step.accepted_rows)
-        self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
-        self.logits[row_tokens[accepted]] = values[accepted]
-        self.scored[row_tokens] = True
+        op = recycle_update_op()
+        if op is not None:  # the same in one native call: ~130 -> ~55 us a step in place
+            op(*self._tensors(), [step.root] + step.tree.tokens, step.logits, step.accepted_rows)
+        else:
+            top, values = _top_k(step.logits, self.k)  # [len(tree) + 1, k]
+            self.successors[row_tokens] = top
+            self.logits[row_tokens] = values
+            accepted = np.asarray(step.accepted_rows)
+            self.successors[row_tokens[accepted]] = top[accepted]  # on duplicates the accepted context wins
+            self.logits[row_tokens[accepted]] = values[accepted]
+            self.scored[row_tokens] = True
         self.steps += 1
         if self.steps % RETEMPLATE_EVERY == 0:
             self._templates.clear()
@@ -245,6 +250,14 @@ class TokenRecycling:
         self._templates.clear()
 
     # -- internals -----------------------------------------------------------------------------
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tensors sharing the successors', their logits' and `scored`'s memory, made again only
+        when an array is replaced (a torch.from_numpy costs ~10 us in place)."""
+        arrays = (self.successors, self.logits, self.scored)
+        if self._views is None or any(a is not b for a, b in zip(arrays, self._views[0])):
+            self._views = (arrays, tuple(torch.from_numpy(a) for a in arrays))
+        return self._views[1]
+
     def rank_hit_rates(self) -> list[float]:
         """Estimated chance that the target's next token is the rank-r successor."""
         prior = np.asarray(PRIOR_RANK_HITS[: self.k] + (0.01,) * max(0, self.k - len(PRIOR_RANK_HITS)))
