@@ -20,7 +20,7 @@ from fastdecode.drafters.base import Drafter, DraftRequest, StepResult
 from fastdecode.kv_cache import KVCache
 from fastdecode.model import Segment, Transformer
 from fastdecode.output import RequestOutput, TextTracker
-from fastdecode.sampling import Sampler, SamplingParams, argmax_rows
+from fastdecode.sampling import Sampler, SamplingParams
 from fastdecode.tree import DraftTree
 from fastdecode.verify import verify
 
@@ -138,10 +138,12 @@ def commit_step(
 ) -> bool:
     """Verify a forward's logits `[len(tree) + 1, vocab]`, keep the accepted rows, tell the drafter,
     emit the tokens; True when the request has finished."""
-    argmax = argmax_rows(logits) if sampler.plain_greedy else None  # for the walk and the drafters
-    rows, emitted = verify(logits, tree, sampler, argmax)
+    step = StepResult(root, tree, logits, [], [])
+    argmax = step.argmax() if sampler.plain_greedy else None  # the walk's; its pass serves the drafters too
+    step.accepted_rows, step.emitted = verify(logits, tree, sampler, argmax)
+    rows, emitted = step.accepted_rows, step.emitted
     cache.keep(rows)
-    drafter.update(StepResult(root, tree, logits, rows, emitted, argmax))
+    drafter.update(step)
     tracker.out.metrics.steps += 1
     tracker.out.metrics.drafted += len(tree)
     return emit(emitted, tracker)

@@ -47,7 +47,7 @@ import torch
 __all__ = [
     "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
-    "race_order_op", "recycle_update_op", "argmax_rows_op",
+    "race_order_op", "recycle_update_op",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -180,24 +180,18 @@ def sample_row_op() -> Callable[..., tuple[int, float]] | None:
     return None if ops is None else ops.sample_row
 
 
-def top_k_rows_op() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-    """The raw op `(x [n, V] float32, k) -> int64 [n, k]`: each row's k largest entries' indices,
-    largest first, lower index first among equals (csrc/sampling.cpp), or None."""
+def top_k_rows_op() -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The raw op `(x [n, V] float32, k) -> (indices int64 [n, k], values float32 [n, k])`: each
+    row's k largest entries, largest first, lower index first among equals, NaNs never (-1 and 0
+    past a row's non-NaN values) (csrc/sampling.cpp), or None."""
     ops = _load()
     return None if ops is None else ops.top_k_rows
 
 
-def argmax_rows_op() -> Callable[[torch.Tensor], list[int]] | None:
-    """The raw op `(x [n, V] float32) -> [n]`: every row's argmax, the first on ties, a row's first
-    NaN where it has one, as numpy's (csrc/sampling.cpp), or None."""
-    ops = _load()
-    return None if ops is None else ops.argmax_rows
-
-
 def recycle_update_op() -> Callable[..., None] | None:
-    """The raw op `(successors [V, k] int32, logits [V, k] float32, scored [V] bool, rows [n] int64,
-    x [n, V'] float32, accepted int64) -> None`: Token Recycling's table update from a verify step's
-    logits, in place (csrc/sampling.cpp; drafters/recycling.py), or None."""
+    """The raw op `(successors [V, k] int32, logits [V, k] float32, scored [V] bool, rows [n],
+    top [n, k] int64, top_values [n, k] float32, accepted) -> None`: Token Recycling's table update
+    from a verify step's rows' top k, in place (csrc/sampling.cpp; drafters/recycling.py), or None."""
     ops = _load()
     return None if ops is None else ops.recycle_update
 

@@ -142,7 +142,8 @@ def test_native_update_equals_numpy(monkeypatch: pytest.MonkeyPatch, vocab: int,
     import fastdecode.drafters.recycling as recycling
     from fastdecode.kernels import recycle_update_op
 
-    assert recycle_update_op() is not None, "the fastdecode kernels failed to build"
+    op = recycle_update_op()
+    assert op is not None, "the fastdecode kernels failed to build"
     rng = np.random.default_rng(vocab)
     native, plain = TokenRecycling(vocab, k=k), TokenRecycling(vocab, k=k)
     for step in range(12):
@@ -152,29 +153,29 @@ def test_native_update_equals_numpy(monkeypatch: pytest.MonkeyPatch, vocab: int,
         if step % 3 == 0:
             logits[0, k // 2 :] = float("nan")  # row 0 keeps only k // 2 values
         accepted = list(range(int(rng.integers(1, len(tokens) + 2))))
-        result = StepResult(int(rng.integers(0, 6)), tree, logits, accepted, [1] * len(accepted))
-        native.update(result)
+        root = int(rng.integers(0, 6))
+        native.update(StepResult(root, tree, logits, accepted, [1] * len(accepted)))
         with monkeypatch.context() as m:
             m.setattr(recycling, "recycle_update_op", lambda: None)
-            plain.update(result)
+            plain.update(StepResult(root, tree, logits, accepted, [1] * len(accepted)))
         assert np.array_equal(native.successors, plain.successors)
         assert np.array_equal(native.logits, plain.logits)
         assert np.array_equal(native.scored, plain.scored)
     assert (native.successors[:6] != UNKNOWN).any() and native.scored[:6].any()
-    op = recycle_update_op()
     tables = (torch.from_numpy(native.successors), torch.from_numpy(native.logits), torch.from_numpy(native.scored))
+    top, values = torch.zeros(2, k, dtype=torch.long), torch.zeros(2, k)
     with pytest.raises(RuntimeError, match=f"row token {vocab} is outside"):
-        op(*tables, [0, vocab], torch.zeros(2, vocab), [0])
+        op(*tables, [0, vocab], top, values, [0])
     with pytest.raises(RuntimeError, match="accepted row 2 is outside"):
-        op(*tables, [0, 1], torch.zeros(2, vocab), [2])
-    with pytest.raises(RuntimeError, match="rows holds 1 tokens for 2 rows"):
-        op(*tables, [0], torch.zeros(2, vocab), [0])
+        op(*tables, [0, 1], top, values, [2])
+    with pytest.raises(RuntimeError, match=r"\[rows = 1, k = "):
+        op(*tables, [0], top, values, [0])
 
 
 @pytest.mark.parametrize("n,vocab,k", [(1, 49152, 8), (9, 49152, 8), (3, 320, 8), (2, 10, 3), (4, 8192, 4)])
 def test_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None:
     """The chunked search (wide rows) and the plain one (narrow rows) find torch.topk's indices in order."""
-    from fastdecode.drafters.recycling import top_k_rows
+    from fastdecode.sampling import top_k_rows
 
     x = np.random.default_rng(n * vocab).standard_normal((n, vocab)).astype(np.float32)
     assert (top_k_rows(x, k) == torch.from_numpy(x).topk(k, dim=-1).indices.numpy()).all()
@@ -189,10 +190,12 @@ def test_native_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None
     op = top_k_rows_op()
     assert op is not None, "the fastdecode kernels failed to build"
     x = torch.from_numpy(np.random.default_rng(n * vocab).standard_normal((n, vocab)).astype(np.float32))
-    assert torch.equal(op(x, k), x.topk(k, dim=-1).indices)
+    expected = x.topk(k, dim=-1)
+    top, values = op(x, k)
+    assert torch.equal(top, expected.indices) and torch.equal(values, expected.values)
     tied = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 2.0, 3.0, 0.0, 3.0, 1.0, 5.0]])
-    assert op(tied, 4).tolist() == [[9, 1, 2, 5]]
-    assert op(torch.full((1, 3), float("nan")), 2).tolist() == [[-1, -1]]
+    assert op(tied, 4)[0].tolist() == [[9, 1, 2, 5]]
+    assert op(torch.full((1, 3), float("nan")), 2)[0].tolist() == [[-1, -1]]
     with pytest.raises(RuntimeError, match="k = 0"):
         op(x, 0)
 

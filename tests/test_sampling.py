@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fastdecode import SamplingParams
-from fastdecode.sampling import Sampler, argmax_rows
+from fastdecode.sampling import Sampler
 
 PROMPT = "Once upon a time"
 
@@ -272,21 +272,35 @@ def test_race_order_over_the_whole_distribution_starts_with_the_samplers_pick(
     assert firsts == {True, False}  # the order is the race's, not the weights' (which would give the argmax)
 
 
-@pytest.mark.parametrize("vocab", [1, 5, 8, 49152, 49157])
-def test_native_argmax_rows_equals_numpy(vocab: int) -> None:
-    """The native argmax (the verifier's in greedy, the drafters' otherwise) is numpy's: the first
-    index on ties, a row's first NaN where it has one, -inf rows, rows not a multiple of 8 wide."""
-    from fastdecode.kernels import argmax_rows_op
+@pytest.mark.parametrize("vocab,k", [(1, 1), (5, 3), (8, 8), (49152, 8), (49157, 4)])
+def test_top_rows_native_and_numpy_agree_and_lead_with_the_argmax(monkeypatch: pytest.MonkeyPatch, vocab: int,
+                                                                   k: int) -> None:
+    """The row top every step computes once (the greedy walk takes column 0, the drafters the rest):
+    native and numpy give the same indices and values, largest first, the lower index first among
+    equals (ties at the max included), and column 0 is numpy's argmax; the native op never picks
+    a NaN (-1 and 0 past a row's other values)."""
+    import fastdecode.sampling as sampling
+    from fastdecode.sampling import top_rows
 
-    op = argmax_rows_op()
-    assert op is not None, "the fastdecode kernels failed to build"
     rng = np.random.default_rng(vocab)
-    x = rng.standard_normal((6, vocab)).astype(np.float32)
-    x[1] = np.round(x[1])  # ties at the max
-    x[1, -1] = x[1].max()  # one of them in the tail
+    x = rng.standard_normal((5, vocab)).astype(np.float32)
+    x[1] = np.round(x[1])  # ties, at the max among them
+    x[1, -1] = x[1].max()  # one in the tail
     x[2] = -np.inf
-    x[3, vocab // 2] = np.nan
-    x[3, -1] = np.nan
-    x[4, -1] = 100.0  # the max in the tail
-    assert op(torch.from_numpy(x)) == x.argmax(-1).tolist()
-    assert argmax_rows(torch.from_numpy(x)) == x.argmax(-1).tolist()
+    x[3, -1] = 100.0  # the max in the tail
+    native = top_rows(torch.from_numpy(x), k)
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "top_k_rows_op", lambda: None)
+        plain = top_rows(torch.from_numpy(x), k)
+    assert np.array_equal(native[0], plain[0]) and np.array_equal(native[1], plain[1])
+    assert native[0][:, 0].tolist() == x.argmax(-1).tolist()
+    assert np.array_equal(native[1], np.take_along_axis(x, native[0], 1))
+    for row in range(5):  # largest first, lower index first among equals
+        pairs = list(zip(-native[1][row], native[0][row]))
+        assert pairs == sorted(pairs)
+    if vocab >= 4:
+        nan = x[:1].copy()
+        nan[0, 2:] = np.nan
+        top, values = top_rows(torch.from_numpy(nan), 4)
+        assert top[0].tolist() == sorted(range(2), key=lambda i: -nan[0, i]) + [-1, -1]
+        assert values[0, 2:].tolist() == [0.0, 0.0]

@@ -282,103 +282,64 @@ void check_rows(const at::Tensor& x) {
 
 }  // namespace
 
-// The index of every row's largest entry, the first on ties, as numpy's argmax (a row holding a
-// NaN gives its first NaN). Two passes over a row: its max, then the first index holding it; a
-// 49152-wide row stays in L2 between them. numpy's argmax of 7 such rows cost ~90 us in place.
-std::vector<int64_t> argmax_rows(const at::Tensor& x) {
-  check_rows(x);
-  const int64_t n = x.size(0), V = x.size(1), V8 = V & ~int64_t(7);
-  TORCH_CHECK(V >= 1, "x must have at least one column");
-  std::vector<int64_t> out(n);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* row = x.data_ptr<float>() + r * V;
-    __m256 vmx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    __m256 nan = _mm256_setzero_ps();
-    for (int64_t j = 0; j < V8; j += 8) {
-      const __m256 v = _mm256_loadu_ps(row + j);
-      vmx = _mm256_max_ps(vmx, v);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmx);
-    float mx = -std::numeric_limits<float>::infinity();
-    bool any_nan = _mm256_movemask_ps(nan) != 0;
-    for (float v : lanes) mx = std::max(mx, v);
-    for (int64_t j = V8; j < V; ++j) {
-      any_nan |= row[j] != row[j];
-      mx = std::max(mx, row[j]);
-    }
-    int64_t best = 0;
-    if (any_nan) {
-      while (row[best] == row[best]) ++best;
-    } else {
-      const __m256 target = _mm256_set1_ps(mx);
-      int64_t j = 0;
-      for (; j < V8; j += 8) {
-        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), target, _CMP_EQ_OQ));
-        if (mask) break;
-      }
-      while (row[j] != mx) ++j;  // within the block found (or the tail)
-      best = j;
-    }
-    out[r] = best;
-  }
-  return out;
-}
-
-// Indices of the k largest entries of every row of x [n, V] (top_k_row's order), -1 past the
-// row's non-NaN values.
-at::Tensor top_k_rows(const at::Tensor& x, int64_t k) {
+// The k largest entries of every row of x [n, V] (top_k_row's order): their indices (int64
+// [n, k], -1 past a row's non-NaN values) and values (float32 [n, k], 0 there). One pass over the
+// logits serves the greedy walk (column 0 is numpy's argmax wherever a row has no NaN) and every
+// drafter that learns from them (drafters/base.py, StepResult.top).
+std::tuple<at::Tensor, at::Tensor> top_k_rows(const at::Tensor& x, int64_t k) {
   check_rows(x);
   const int64_t n = x.size(0), V = x.size(1);
   TORCH_CHECK(k >= 1 && k <= V, "k = ", k, " must be in [1, V = ", V, "]");
   at::Tensor out = at::empty({n, k}, x.options().dtype(at::kLong));
+  at::Tensor values = at::empty({n, k}, x.options());
   int64_t* o = out.data_ptr<int64_t>();
-  std::vector<float> vals(k);
+  float* v = values.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r) {
-    const int64_t count = top_k_row(x.data_ptr<float>() + r * V, V, k, o + r * k, vals.data());
-    for (int64_t i = count; i < k; ++i) o[r * k + i] = -1;
+    const int64_t count = top_k_row(x.data_ptr<float>() + r * V, V, k, o + r * k, v + r * k);
+    for (int64_t i = count; i < k; ++i) {
+      o[r * k + i] = -1;
+      v[r * k + i] = 0.0f;
+    }
   }
-  return out;
+  return {out, values};
 }
 
 // Token Recycling's update (drafters/recycling.py, TokenRecycling.update, which this equals) in
-// one call: for every row r of a verify step's logits x [n, V'] (V' <= V), the k largest
-// entries (top_k_row) become the successors of token rows[r] (int32, -1 past a row's non-NaN
-// values) with their logits (0 there), in row order; then the accepted rows `accepted` (indices
-// into rows) are written again, in order, so on a token seen twice the accepted context wins;
-// every rows[r] is marked scored. successors int32 [V, k], logits float32 [V, k], scored bool [V].
-// The numpy route (top-k, a gather of the values, four fancy assignments, the tensors around
-// them) cost ~130 us a step in place, where the target's forward has just evicted numpy's code
-// and data from the caches; this call costs ~55.
+// one call: given a verify step's rows' k largest logits (top_k_rows: indices [n, k] int64, -1
+// where a row had fewer, and values [n, k] float32), row r's become the successors of token
+// rows[r] (int32) with their logits (0 where unknown), in row order; then the accepted rows
+// `accepted` (indices into rows) are written again, in order, so on a token seen twice the
+// accepted context wins; every rows[r] is marked scored. successors int32 [V, k], logits float32
+// [V, k], scored bool [V]. The numpy route (four fancy assignments and the tensors around them)
+// cost ~75 us a step in place, where the target's forward has just evicted numpy's code and data
+// from the caches.
 void recycle_update(at::Tensor& successors, at::Tensor& logits, at::Tensor& scored, c10::IntArrayRef rows,
-                    const at::Tensor& x, c10::IntArrayRef accepted) {
-  check_rows(x);
+                    const at::Tensor& top, const at::Tensor& top_values, c10::IntArrayRef accepted) {
   TORCH_CHECK(successors.dim() == 2 && successors.scalar_type() == at::kInt && successors.is_contiguous() &&
                   logits.sizes() == successors.sizes() && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "successors must be int32 [V, k] and logits float32 [V, k], both contiguous");
-  const int64_t V = successors.size(0), k = successors.size(1), n = x.size(0), width = x.size(1);
+  const int64_t V = successors.size(0), k = successors.size(1), n = static_cast<int64_t>(rows.size());
   TORCH_CHECK(scored.dim() == 1 && scored.size(0) == V && scored.scalar_type() == at::kBool && scored.is_contiguous(),
               "scored must be a contiguous bool tensor [V]");
-  TORCH_CHECK(k >= 1 && k <= width && width <= V, "k = ", k, " and the logits' width ", width,
-              " must satisfy 1 <= k <= width <= V = ", V);
-  TORCH_CHECK(static_cast<int64_t>(rows.size()) == n, "rows holds ", rows.size(), " tokens for ", n, " rows of logits");
+  TORCH_CHECK(top.dim() == 2 && top.size(0) == n && top.size(1) == k && top.scalar_type() == at::kLong &&
+                  top.is_contiguous() && top_values.sizes() == top.sizes() &&
+                  top_values.scalar_type() == at::kFloat && top_values.is_contiguous(),
+              "top must be int64 and top_values float32, contiguous, [rows = ", n, ", k = ", k, "], got ",
+              top.sizes(), " and ", top_values.sizes());
   const int64_t* row = rows.data();
   for (int64_t r = 0; r < n; ++r) TORCH_CHECK(row[r] >= 0 && row[r] < V, "row token ", row[r], " is outside [0, ", V, ")");
   const int64_t* acc = accepted.data();
   for (size_t i = 0; i < accepted.size(); ++i)
     TORCH_CHECK(acc[i] >= 0 && acc[i] < n, "accepted row ", acc[i], " is outside [0, ", n, ")");
-  std::vector<int64_t> idx(n * k);
-  std::vector<float> vals(n * k);
-  std::vector<int64_t> count(n);
-  for (int64_t r = 0; r < n; ++r)
-    count[r] = top_k_row(x.data_ptr<float>() + r * width, width, k, idx.data() + r * k, vals.data() + r * k);
+  const int64_t* idx = top.data_ptr<int64_t>();
+  const float* vals = top_values.data_ptr<float>();
+  for (int64_t i = 0; i < n * k; ++i) TORCH_CHECK(idx[i] >= -1 && idx[i] < V, "successor ", idx[i], " is outside [-1, ", V, ")");
   int32_t* succ = successors.data_ptr<int32_t>();
   float* lg = logits.data_ptr<float>();
   bool* sc = scored.data_ptr<bool>();
   auto write = [&](int64_t r) {
     for (int64_t i = 0; i < k; ++i) {
-      const bool found = i < count[r];
+      const bool found = idx[r * k + i] >= 0;
       succ[row[r] * k + i] = found ? static_cast<int32_t>(idx[r * k + i]) : -1;
       lg[row[r] * k + i] = found ? vals[r * k + i] : 0.0f;
     }
@@ -433,10 +394,9 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("race_order(Tensor successors, Tensor logits, int token, float temperature, int top_k, float top_p, "
         "int seed, int index) -> int[]");
   m.def("race_pick(Tensor probs, int seed, int index) -> int");
-  m.def("top_k_rows(Tensor x, int k) -> Tensor");
-  m.def("argmax_rows(Tensor x) -> int[]");
-  m.def("recycle_update(Tensor(a!) successors, Tensor(b!) logits, Tensor(c!) scored, int[] rows, Tensor x, "
-        "int[] accepted) -> ()");
+  m.def("top_k_rows(Tensor x, int k) -> (Tensor, Tensor)");
+  m.def("recycle_update(Tensor(a!) successors, Tensor(b!) logits, Tensor(c!) scored, int[] rows, Tensor top, "
+        "Tensor top_values, int[] accepted) -> ()");
   m.def("sample_row(Tensor logits, float temperature, int top_k, float top_p, float min_p, float nucleus_cut, "
         "int seed, int index) -> (int, float)");
 }
@@ -444,7 +404,6 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("race_pick", &fastdecode::race_pick);
   m.impl("top_k_rows", &fastdecode::top_k_rows);
-  m.impl("argmax_rows", &fastdecode::argmax_rows);
   m.impl("recycle_update", &fastdecode::recycle_update);
   m.impl("race_order", &fastdecode::race_order);
   m.impl("sample_row", &fastdecode::sample_row);
