@@ -98,9 +98,10 @@ def tree_segment(root: int, tree: DraftTree, cache: KVCache) -> Segment:
     tokens = torch.tensor([root] + tree.tokens, dtype=torch.long)
     if not tree:
         return Segment(tokens, torch.tensor([cache.length]), cache)
-    positions = torch.tensor(tree.depths(), dtype=torch.long).add_(cache.length)
-    mask = np.ones((len(tokens), cache.length + len(tokens)), dtype=bool)  # numpy: fewer, cheaper ops
-    mask[:, cache.length :] = tree.ancestor_mask().numpy()
+    length = cache.length
+    positions = torch.tensor([length + depth for depth in tree.depths()])
+    mask = np.ones((len(tokens), length + len(tokens)), dtype=bool)  # numpy: fewer, cheaper ops
+    mask[:, length:] = tree.ancestor_rows()
     return Segment(tokens, positions, cache, torch.from_numpy(mask))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 
@@ -58,15 +57,21 @@ class DraftTree:
             kids[parent + 1].setdefault(token, i + 1)
         return kids
 
+    def ancestor_rows(self) -> list[list[bool]]:
+        """Row i of the ancestor mask as a list: row i may attend to row j iff j is i or an
+        ancestor of i. Lists: each row is its parent's copied, ~2x cheaper than numpy rows after a
+        forward has pushed numpy's code out of the caches."""
+        n = len(self.tokens) + 1
+        rows = [[True] + [False] * (n - 1)]
+        for i, parent in enumerate(self.parents, start=1):
+            row = rows[parent + 1][:]
+            row[i] = True
+            rows.append(row)
+        return rows
+
     def ancestor_mask(self) -> torch.Tensor:
         """`[n+1, n+1]` bool: input row i may attend to row j iff j is i or an ancestor of i."""
-        n = len(self.tokens) + 1
-        mask = np.zeros((n, n), dtype=bool)  # numpy: a torch row copy costs ~5 us, a numpy one <1
-        mask[:, 0] = True
-        for i, parent in enumerate(self.parents, start=1):
-            mask[i] = mask[parent + 1]
-            mask[i, i] = True
-        return torch.from_numpy(mask)
+        return torch.tensor(self.ancestor_rows(), dtype=torch.bool)
 
     def paths(self) -> list[list[int]]:
         """Root-to-leaf token paths (root excluded)."""
