@@ -258,8 +258,9 @@ class TokenRecycling:
     def _race(self, token: int, index: int) -> list[int]:
         params, op = self.sampler.params, race_order_op()
         if op is not None:
-            return op(torch.from_numpy(self.successors), torch.from_numpy(self.logits), token, params.temperature,
-                      params.top_k, params.top_p, int64_seed(self.sampler.seed), index)
+            successors, logits, _ = self._tensors()
+            return op(successors, logits, token, params.temperature, params.top_k, params.top_p,
+                      int64_seed(self.sampler.seed), index)
         known = self.successors[token] != UNKNOWN
         if not known.any():
             return list(range(self.k))
