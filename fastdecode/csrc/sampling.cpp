@@ -5,7 +5,8 @@
 // bit (IEEE doubles and libm's log), for machines without the kernels.
 // Registered as torch.ops.fastdecode_kernels.race_pick (the race over given probabilities) and
 // sample_row (the logits processors and the race in one call, what Sampler uses); also top_k_rows
-// (the k largest logits of each row, for Token Recycling's update), below.
+// (the k largest logits of each row, a step's one pass over its logits: the greedy walk's argmax
+// and the drafters'), recycle_update (Token Recycling's table update) and race_order, below.
 //
 // Why native: over a whole vocabulary (temperature 1 without top-k/top-p, the API's default) the
 // numpy draw took ~2 ms a token. Here the hash costs a few ns per token and most logs are skipped:
