@@ -23,7 +23,7 @@ from fastdecode.roofline import kv_bytes, read_bandwidth_gbs, weight_bytes
 from fastdecode.sampling import Sampler
 
 CATEGORIES = [
-    ("decoder layers (fused call)", ("fastdecode_kernels::layer",)),  # csrc/layer.cpp: a layer is one op
+    ("decoder layers (fused call)", ("fastdecode_kernels::layer",)),  # csrc/layer.cpp: `layers` (all of them) or `layer`
     ("matmul", ("linear", "mm", "addmm", "bf16_linear", "q_linear", "matmul")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm")),
     ("kv cache write", ("copy_", "index_select", "index_put", "slice")),
