@@ -92,9 +92,47 @@ int64_t race_pick(const at::Tensor& probs, int64_t seed, int64_t index) {
 
 namespace {
 
-// The k-th largest of x[0..V) (1 <= k <= V; NaNs never count). Up to 256: the k best so far kept
-// sorted, 8 values at a time skipped unless one beats the k-th (as top_k_rows); past that, a
-// selection over a copy.
+// The k largest entries of row[0..V): their indices into idx and values into vals, largest
+// first, the lower index first among equals; NaNs are never picked. Returns how many were found
+// (< k only when the row has fewer than k non-NaN values). One pass: 8 values at a time are
+// compared with the k-th best so far and skipped unless one beats it (after the first few
+// hundred values almost none do), so a 49152-wide row costs a few microseconds (numpy's
+// argpartition route took ~40 us).
+int64_t top_k_row(const float* row, int64_t V, int64_t k, int64_t* idx, float* vals) {
+  int64_t count = 0;
+  auto insert = [&](float v, int64_t j) {
+    int64_t pos;
+    if (count < k) {
+      pos = count++;
+    } else {
+      if (!(v > vals[k - 1])) return;
+      pos = k - 1;
+    }
+    for (; pos > 0 && vals[pos - 1] < v; --pos) {
+      vals[pos] = vals[pos - 1];
+      idx[pos] = idx[pos - 1];
+    }
+    vals[pos] = v;
+    idx[pos] = j;
+  };
+  int64_t j = 0;
+  for (; j < V && count < k; ++j)
+    if (row[j] == row[j]) insert(row[j], j);
+  for (; j + 8 <= V; j += 8) {
+    const __m256 v = _mm256_loadu_ps(row + j);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
+    while (mask) {
+      const int b = __builtin_ctz(mask);
+      insert(row[j + b], j + b);
+      mask &= mask - 1;
+    }
+  }
+  for (; j < V; ++j) insert(row[j], j);  // insert() refuses NaN once full (v > x is false)
+  return count;
+}
+
+// The k-th largest of x[0..V) (1 <= k <= V; NaNs never count): up to 256, top_k_row's; past
+// that, a selection over a copy.
 float kth_largest(const float* x, int64_t V, int64_t k) {
   if (k > 256) {
     std::vector<float> copy;
@@ -105,24 +143,9 @@ float kth_largest(const float* x, int64_t V, int64_t k) {
     std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
     return copy[k - 1];
   }
-  std::vector<float> top;  // descending
-  top.reserve(k + 1);
-  auto insert = [&](float v) {
-    if (!(v == v) || (static_cast<int64_t>(top.size()) == k && !(v > top.back()))) return;
-    top.insert(std::upper_bound(top.begin(), top.end(), v, std::greater<float>()), v);
-    if (static_cast<int64_t>(top.size()) > k) top.pop_back();
-  };
-  int64_t i = 0;
-  for (; i < V && static_cast<int64_t>(top.size()) < k; ++i) insert(x[i]);
-  for (; i + 8 <= V; i += 8) {
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(top.back()), _CMP_GT_OQ));
-    while (mask) {
-      insert(x[i + __builtin_ctz(mask)]);
-      mask &= mask - 1;
-    }
-  }
-  for (; i < V; ++i) insert(x[i]);
-  return static_cast<int64_t>(top.size()) < k ? -std::numeric_limits<float>::infinity() : top.back();
+  std::vector<int64_t> idx(k);
+  std::vector<float> vals(k);
+  return top_k_row(x, V, k, idx.data(), vals.data()) < k ? -std::numeric_limits<float>::infinity() : vals[k - 1];
 }
 
 }  // namespace
@@ -236,45 +259,6 @@ std::tuple<int64_t, double> sample_row(const at::Tensor& logits, double temperat
 }
 
 namespace {
-
-// The k largest entries of row[0..V): their indices into idx and values into vals, largest
-// first, the lower index first among equals; NaNs are never picked. Returns how many were found
-// (< k only when the row has fewer than k non-NaN values). One pass: 8 values at a time are
-// compared with the k-th best so far and skipped unless one beats it (after the first few
-// hundred values almost none do), so a 49152-wide row costs a few microseconds (numpy's
-// argpartition route took ~40 us).
-int64_t top_k_row(const float* row, int64_t V, int64_t k, int64_t* idx, float* vals) {
-  int64_t count = 0;
-  auto insert = [&](float v, int64_t j) {
-    int64_t pos;
-    if (count < k) {
-      pos = count++;
-    } else {
-      if (!(v > vals[k - 1])) return;
-      pos = k - 1;
-    }
-    for (; pos > 0 && vals[pos - 1] < v; --pos) {
-      vals[pos] = vals[pos - 1];
-      idx[pos] = idx[pos - 1];
-    }
-    vals[pos] = v;
-    idx[pos] = j;
-  };
-  int64_t j = 0;
-  for (; j < V && count < k; ++j)
-    if (row[j] == row[j]) insert(row[j], j);
-  for (; j + 8 <= V; j += 8) {
-    const __m256 v = _mm256_loadu_ps(row + j);
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
-    while (mask) {
-      const int b = __builtin_ctz(mask);
-      insert(row[j + b], j + b);
-      mask &= mask - 1;
-    }
-  }
-  for (; j < V; ++j) insert(row[j], j);  // insert() refuses NaN once full (v > x is false)
-  return count;
-}
 
 void check_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),

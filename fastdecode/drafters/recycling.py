@@ -179,12 +179,13 @@ class TokenRecycling:
         return DraftTree(tokens, parents)
 
     def update(self, step: StepResult) -> None:
-        row_tokens = np.asarray([step.root] + step.tree.tokens, dtype=np.int64)
+        rows = [step.root] + step.tree.tokens
+        row_tokens = np.asarray(rows, dtype=np.int64)
         self._count_rank_hits(row_tokens, step)
         top, values = step.top(self.k)  # [len(tree) + 1, k], shared with the other drafters
         op = recycle_update_op()
         if op is not None:  # the same in one native call: ~75 -> ~20 us a step in place
-            op(*self._tensors(), [step.root] + step.tree.tokens, torch.from_numpy(np.ascontiguousarray(top)),
+            op(*self._tensors(), rows, torch.from_numpy(np.ascontiguousarray(top)),
                torch.from_numpy(np.ascontiguousarray(values)), step.accepted_rows)
         else:
             self.successors[row_tokens] = top
