@@ -1,0 +1,103 @@
+"""How much of tau is in `auto`'s candidates, and how much its choice among them loses. Runs `auto`
+over Spec-Bench prompts and records, every step, all the nodes its members proposed (the merged
+pool, before `auto` keeps its best) with `auto`'s score for each. Once a request is done its
+output labels every recorded node: right iff its path is the output's continuation at that step
+(greedy: what the target would have accepted; sampled: what the seeded draw emitted, which a
+deterministic draft equals iff it would have been accepted). Then, per step, replayed:
+
+- kept K: tau had `auto` drafted its K best-scored nodes (scores as recorded; K = 6 is its default budget);
+- oracle: tau had it drafted just the right path in the pool (at most as many nodes as the path is
+  deep): no choice among these candidates can do better.
+
+    python scripts/draft_pool.py --skip 10 --limit 6                    # prompts 10-15 per category
+    python scripts/draft_pool.py --skip 10 --limit 6 --member-budget 24 # members propose 24 nodes each
+
+Replays hold the members' later proposals fixed, so they are estimates; "measured tau" is the run's own.
+"""
+from __future__ import annotations
+
+import argparse
+
+from fastdecode import LLM, SamplingParams
+from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+from fastdecode.drafters.auto import AutoDrafter
+
+
+class Recording(AutoDrafter):
+    """`auto` whose members propose `member_budget` nodes each; every step's pool is recorded as
+    (context length, [(path, score)])."""
+
+    def __init__(self, members: dict, cost, member_budget: int | None) -> None:
+        super().__init__(members, cost)
+        self.member_budget, self.steps = member_budget, []
+
+    def _merge(self, context, budget):
+        self._nodes = super()._merge(context, self.member_budget or budget)
+        return self._nodes
+
+    def _propose(self, context, budget):
+        tree = super()._propose(context, budget)  # scores the merged nodes
+        paths: list[tuple[int, ...]] = []
+        for node in self._nodes:
+            paths.append((paths[node.parent] if node.parent >= 0 else ()) + (node.token,))
+        self.steps.append((len(context), [(path, node.score) for path, node in zip(paths, self._nodes)]))
+        return tree
+
+
+def replay(steps: list, sequence: list[int], budgets: list[int]) -> tuple[list[int], int]:
+    """Per budget K, the tokens the steps would emit keeping their K best nodes; and the oracle's."""
+    kept, oracle = [0] * len(budgets), 0
+    for length, pool in steps:
+        right = [len(path) if tuple(sequence[length : length + len(path)]) == path else 0 for path, _ in pool]
+        oracle += 1 + max(right, default=0)
+        ranked = sorted(range(len(pool)), key=lambda i: (-pool[i][1], i))
+        for j, k in enumerate(budgets):
+            kept[j] += 1 + max((right[i] for i in ranked[:k]), default=0)
+    return kept, oracle
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip", type=int, default=10, help="prompts skipped per category (default: past the benchmark's 10)")
+    p.add_argument("--limit", type=int, default=6, help="prompts per category after the skipped ones")
+    p.add_argument("--member-budget", type=int, default=None, help="nodes each member proposes (default: the draft budget)")
+    p.add_argument("--budgets", default="6,8,10,12", help="K values to replay")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=DEFAULT_SPEC_BENCH)
+    p.add_argument("--humaneval", default=DEFAULT_HUMANEVAL)
+    args = p.parse_args()
+    if args.skip < 0 or args.limit < 1:
+        p.error(f"--skip {args.skip} must be >= 0 and --limit {args.limit} >= 1")
+    budgets = [int(k) for k in args.budgets.split(",")]
+    prompts, notes = load_prompts(args.data, args.humaneval, limit=args.skip + args.limit)
+    for note in notes:
+        print(note)
+    by_category: dict[str, list] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    chosen = [q for group in by_category.values() for q in group[args.skip :]]
+    llm = LLM(threads=args.threads)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    auto = Recording(llm.new_drafter("auto").members, llm.forward_cost, args.member_budget)
+    tokens = steps = recorded = oracle = 0
+    kept = [0] * len(budgets)
+    for prompt in chosen:
+        ids = llm.apply_chat_template([{"role": "user", "content": prompt.turns[0]}])
+        auto.steps = []
+        for out, _ in llm.engine.run("", ids, params, auto, llm.draft_budget):
+            pass
+        tokens, steps = tokens + out.metrics.tokens - 1, steps + out.metrics.steps
+        k, o = replay(auto.steps, ids + out.token_ids, budgets)
+        kept, oracle, recorded = [a + b for a, b in zip(kept, k)], oracle + o, recorded + len(auto.steps)
+    print(f"{len(chosen)} prompts, {steps} steps, member budget {args.member_budget or llm.draft_budget}, "
+          f"temperature {args.temperature}: measured tau {tokens / steps:.3f}")
+    print("  replayed tau, kept K: " + ", ".join(f"K={k} {v / recorded:.3f}" for k, v in zip(budgets, kept)))
+    print(f"  oracle tau of the pool: {oracle / recorded:.3f}")
+
+
+if __name__ == "__main__":
+    main()
