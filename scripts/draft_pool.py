@@ -72,7 +72,14 @@ def main() -> None:
     args = p.parse_args()
     if args.skip < 0 or args.limit < 1:
         p.error(f"--skip {args.skip} must be >= 0 and --limit {args.limit} >= 1")
-    budgets = [int(k) for k in args.budgets.split(",")]
+    if args.member_budget is not None and args.member_budget < 1:
+        p.error(f"--member-budget {args.member_budget} must be >= 1")
+    try:
+        budgets = [int(k) for k in args.budgets.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        p.error(f"--budgets {args.budgets!r} must be comma-separated integers >= 1")
     prompts, notes = load_prompts(args.data, args.humaneval, limit=args.skip + args.limit)
     for note in notes:
         print(note)
