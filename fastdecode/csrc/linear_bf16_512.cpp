@@ -9,14 +9,20 @@
 // the one pass over the weights that a single row already pays. That is what makes wide draft
 // trees and batches cheap.
 //
-// Tiling: a register tile of R weight rows x T tokens walks the whole of K. T <= 8 (the n tokens
-// in equal-as-can-be pieces) and R as large as the 32 registers allow (R x T accumulators, R
-// weights, 1 activation): 8 rows for 1-2 tokens, 3 for 7-8. Fewer, taller tiles load each weight
-// row fewer times. Against 4 x 4 tiles: the 30 layers' linears of a 16-token tree 7.32 -> 6.53
-// ms, a 1,000-token prefill 0.50 -> 0.48 s; in place (14 Spec-Bench prompts, the old and new
-// tiles interleaved in one process) greedy `auto` +6.9 % and +5.0 % in two runs, `ar` +1.8 %
-// and +0.8 %; sampled `auto` +2.8 %, `ar` +2.3 %. Row chunks stay in L2 while the token chunks
-// run over them. A K % 32 tail loads its weights masked and reads the activations' zero padding.
+// Tiling: a register tile of R = 3 weight rows x T tokens walks the whole of K. T <= 8 (the n
+// tokens in equal-as-can-be pieces). Row chunks stay in L2 while the token chunks run over them.
+// A K % 32 tail loads its weights masked and reads the activations' zero padding.
+// Why 3 rows for every T: a weight is loaded once per piece of T tokens whatever R is; R only
+// sets how many rows share an activation load and how many rows are read side by side. Tiles as
+// tall as the registers allowed (03f54ef: 8 rows for 1-2 tokens, 7 for 3, ... 3 for 7-8) read
+// up to 8 rows side by side, and with the weights streamed from memory that was slower for the
+// few-token calls. The 30 layers' linears and the LM head streamed alone (2 threads, variants
+// interleaved in one process, medians of 50): 1 token 0.90x the time with 8-row tiles, 2
+// tokens 0.77x, 3-6 tokens 0.84-0.94x (7-8 tokens had 3 rows already); 2 rows did about as
+// well, 4 worse at 2 tokens. Since then 1-8 tokens cost the same, within 4 %. A likely cause, not
+// proven: fewer interleaved streams for the hardware prefetcher to follow. (Taller tiles had won
+// against 4 x 4 tiles when the weights were prefetched into L1: a 16-token tree's linears
+// 7.32 -> 6.53 ms; 16 tokens still run as 3 x 8 tiles.)
 // Every output element is one accumulator's fixed sequence of vdpbf16ps over K followed by one
 // fixed horizontal sum, so a row's result does not depend on n, the tile it falls in or the
 // thread count.
@@ -112,9 +118,9 @@ inline void tile(const uint16_t* w, const uint16_t* xb, float* y, const float* b
     }
 }
 
-// Weight rows per register tile of T tokens: as many as the 32 registers hold (R x T
-// accumulators, R weight registers, 1 activation register), up to 8.
-constexpr int rows_for(int T) { return T <= 2 ? 8 : T == 3 ? 7 : T == 4 ? 6 : T == 5 ? 5 : T == 6 ? 4 : 3; }
+// Weight rows per register tile (why 3: the comment at the top). 3 x 8 accumulators, 3 weight
+// registers and 1 activation register fit the 32.
+constexpr int kTileRows = 3;
 
 // Tokens [t0, t1) in pieces of T (the last piece shorter) over rows [r, r + R).
 template <int R, int T>
@@ -136,13 +142,13 @@ inline void pieces(const uint16_t* w, const uint16_t* xb, float* y, const float*
   }
 }
 
-// Rows [r0, r1) x tokens [0, n) in R x T tiles, R = rows_for(T): chunks of about kRowChunk rows
+// Rows [r0, r1) x tokens [0, n) in R x T tiles, R = kTileRows: chunks of about kRowChunk rows
 // stay in L2 while token chunks of tc run over them, each in pieces of T (the last one shorter);
 // rows past a chunk's last whole tile go one by one.
 template <int T>
 void tiles(const uint16_t* W, const uint16_t* xb, float* y, const float* bias, int64_t K, int64_t Kp, int64_t N,
            int64_t n, int64_t tc, int64_t r0, int64_t r1) {
-  constexpr int R = rows_for(T);
+  constexpr int R = kTileRows;
   auto b = [&](int64_t r) { return bias ? bias + r : nullptr; };
   const int64_t chunk = n <= tc ? r1 - r0 : kRowChunk / R * R;
   for (int64_t rc = r0; rc < r1; rc += chunk) {
