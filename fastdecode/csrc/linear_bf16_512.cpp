@@ -17,8 +17,8 @@
 // tall as the registers allowed (03f54ef: 8 rows for 1-2 tokens, 7 for 3, ... 3 for 7-8) read
 // up to 8 rows side by side, and with the weights streamed from memory that was slower for the
 // few-token calls. The 30 layers' linears and the LM head streamed alone (2 threads, variants
-// interleaved in one process, medians of 50): 1 token 0.90x the time with 8-row tiles, 2
-// tokens 0.77x, 3-6 tokens 0.84-0.94x (7-8 tokens had 3 rows already); 2 rows did about as
+// interleaved in one process, medians of 50-60): 1 token 0.90-0.91x the time with 8-row tiles,
+// 2 tokens 0.77-0.83x, 3-6 tokens 0.84-0.94x (7-8 tokens had 3 rows already); 2 rows did about as
 // well, 4 worse at 2 tokens. Since then 1-8 tokens cost the same, within 4 %. A likely cause, not
 // proven: fewer interleaved streams for the hardware prefetcher to follow. (Taller tiles had won
 // against 4 x 4 tiles when the weights were prefetched into L1: a 16-token tree's linears
