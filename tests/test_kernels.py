@@ -380,30 +380,38 @@ def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int)
 
 
 @pytest.mark.parametrize("hd", [16, 64, 128])
-@pytest.mark.parametrize("length", [36, 37])
-@pytest.mark.parametrize("nodes,chain", [([-1, 0, 0, 2, 2, 4, 3, 5], [0, 2, 4, 5]), ([-1, 0, 0], [0, 2]), ([-1, 0], [0, 1])])
+@pytest.mark.parametrize("length", [36, 37, 46])
+@pytest.mark.parametrize("nodes,chain", [([-1, 0, 0, 2, 2, 4, 3, 5], [0, 2, 4, 5]), ([-1, 0, 0], [0, 2]), ([-1, 0], [0, 1]),
+                                         ([-1] + list(range(18)), list(range(19)))])
 def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, hd: int, nodes: list[int],
                                                                    chain: list[int]) -> None:
     """Over a bf16 cache (vdpbf16ps scores) a chain token in a tree, its ancestors spread among
     siblings' masked slots, gets the bits of the same token in one-token forwards, its ancestors
-    compacted, for odd and even cache lengths and trees of 2, 3 and 8 tokens."""
+    compacted, for odd and even cache lengths, trees of 2, 3 and 8 tokens and a chain of 19
+    (softmax sums run in 16 lanes by position: chains that cross a multiple of 16 past the
+    cache, and one whose new positions fill a whole block of lanes)."""
     if kernels.attention_isa() != "avx512bf16":
         pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()
     heads, kv_heads = 4, 2
     n = len(nodes)  # nodes: each input row's parent row (row 0 the root); chain: a root-to-leaf path
-    qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=length + hd)
-    k, v = blocked_keys(k.to(torch.bfloat16)), paired_values(v.to(torch.bfloat16))
     tree = DraftTree([0] * (n - 1), [parent - 1 for parent in nodes[1:]])  # the engine's own mask and depths
     mask = torch.ones(n, length + n, dtype=torch.bool)
     mask[:, length:] = tree.ancestor_mask()
-    rots = rot[torch.tensor(tree.depths())].contiguous()  # a node's angle follows its depth
-    together = op(qkv, k.clone(), v.clone(), 1, length, rots, mask, heads, kv_heads)
-    k_ar, v_ar = k.clone(), v.clone()
-    for step, row in enumerate(chain):
-        alone = op(qkv[row : row + 1].contiguous(), k_ar, v_ar, 1, length + step, rots[row : row + 1].contiguous(),
-                   None, heads, kv_heads)
-        assert torch.equal(alone[0], together[row]), f"chain token {step} differs from its one-token forward"
+    for seed in range(4):
+        qkv, k, v, rot = _attention_case(n, length, hd=hd, seed=length + hd + 1000 * seed)
+        # queries 6x: scores spread wide, so the bf16 numerators span many exponents and a sum
+        # taken in another order shows in its last bits (with the spread of x1, sums of bf16
+        # numerators are mostly exact in any order, and a wrong order went unseen)
+        qkv[:, : heads * hd] *= 6
+        k, v = blocked_keys(k.to(torch.bfloat16)), paired_values(v.to(torch.bfloat16))
+        rots = rot[torch.tensor(tree.depths())].contiguous()  # a node's angle follows its depth
+        together = op(qkv, k.clone(), v.clone(), 1, length, rots, mask, heads, kv_heads)
+        k_ar, v_ar = k.clone(), v.clone()
+        for step, row in enumerate(chain):
+            alone = op(qkv[row : row + 1].contiguous(), k_ar, v_ar, 1, length + step,
+                       rots[row : row + 1].contiguous(), None, heads, kv_heads)
+            assert torch.equal(alone[0], together[row]), f"seed {seed}: chain token {step} differs from its one-token forward"
 
 
 @pytest.mark.parametrize("bf16", [False, True])

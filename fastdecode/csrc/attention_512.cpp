@@ -17,7 +17,8 @@
 //             2w + 1, then 2w, by vdpbf16ps) * scale, keys stored so that a vector holds one pair
 //             of 16 slots (scores_bf16): no horizontal sums;
 //   p_j     = e^(score_j - max), exactly 0 where masked (over a bf16 cache rounded to bf16); the
-//             sum of p in slot order (row_sums);
+//             sum of p: an fp32 cache in slot order (row_sums), a bf16 cache in 16 lanes by
+//             position (position_sum: no chain of scalar adds);
 //   out     = fp32 cache: over j in slot order, out = fma(p_j / sum, v_j, out), lane by lane
 //             (masked slots included: their p is 0, which leaves out as it was); bf16 cache:
 //             over position pairs (2m, 2m + 1) in order, out += their two p v products by
@@ -299,6 +300,23 @@ void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const in
   }
 }
 
+// The sum of a query's softmax numerators over its visible positions 0, 1, ..., in one order
+// that depends on the positions alone: lane l of `lanes` holds the sum, block by block, of
+// positions 16b + l below some multiple of 16, j0; rest[0..k) are the numerators of positions
+// j0, j0 + 1, ...; rest's whole blocks of 16 go on into the lanes, the lanes are summed by a
+// fixed tree (halves, then hsum8), and the last k % 16 are added one at a time. A token's sum is
+// the same whatever j0 was (a multiple of 16 at most its position count): in a tree forward j0
+// is the cache length rounded down, in a one-token forward its own slot count rounded down.
+inline float position_sum(__m512 lanes, const float* rest, int64_t k) {
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) lanes = _mm512_add_ps(lanes, _mm512_loadu_ps(rest + i));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(lanes),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
+  float sum = fastdecode::hsum8(half);
+  for (; i < k; ++i) sum += rest[i];
+  return sum;
+}
+
 template <int C, typename T>
 void core(const float* src, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
           const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
@@ -306,11 +324,19 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
   constexpr int Q = C <= 4 ? 4 : 2;  // queries per weighted_sums call: 4 x C accumulators
   const int64_t total = length + n, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // A task: the heads of one KV group x up to 4 tokens. Its queries go over the group's keys
-  // block by block and share each loaded row of values.
-  const int64_t hp = group;
-  const int64_t tiles = (n + 3) / 4, tt = (n + tiles - 1) / tiles;
-  const int64_t tasks = heads / hp * tiles, nq_max = hp * tt;
+  // A task: the heads of one KV group x a tile of up to 4 tokens. Its queries go over the
+  // group's keys block by block and share each loaded row of values. The n tokens are cut into
+  // tiles of near-equal size, as few as can be but enough that the tasks (groups x tiles) split
+  // evenly over the threads: 3 groups of 4 tokens on 2 threads as 6 tasks of 2 tokens, not 3
+  // tasks of which one thread would take two.
+  const int64_t hp = group, threads = at::get_num_threads();
+  int64_t tiles = (n + 3) / 4;
+  for (int64_t t = tiles; t <= std::min(n, 2 * tiles); ++t)
+    if (kv_heads * t % threads == 0) {
+      tiles = t;
+      break;
+    }
+  const int64_t tasks = kv_heads * tiles, nq_max = hp * ((n + tiles - 1) / tiles);
   const int64_t stride = (total + 15) / 16 * 16;  // a query's score row
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(total * hd / 16 * nq_max, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
@@ -322,12 +348,13 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
     std::vector<int64_t> base(nq_max), gathered(kBf16 ? nq_max * (n + 2) : 0), ngathered(nq_max);
     std::vector<float> acc(kBf16 ? nq_max * hd : 0);
     std::vector<T> tail(kBf16 ? 0 : 16 * hd);  // an fp32 cache's last, partial group of keys
+    std::vector<float> rest(kBf16 ? n + 16 : 0);  // a query's last numerators in position order (bf16 cache)
     std::vector<int64_t> visible(nq_max);
     std::vector<const float*> prow(nq_max);
     std::vector<float*> outs(nq_max);
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h0 = i / tiles * hp, t0 = i % tiles * tt, nt = std::min(tt, n - t0), nq = hp * nt;
+      const int64_t h0 = i / tiles * hp, t0 = i % tiles * n / tiles, nt = (i % tiles + 1) * n / tiles - t0, nq = hp * nt;
       const T* Kg = K + h0 / group * head_stride;
       const T* Vg = V + h0 / group * head_stride;
       const int64_t last = fastdecode::task_queries(src, width, rot, out, heads, hd, h0, t0, nt, nq, length, total,
@@ -358,33 +385,55 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
       for (int64_t a = 0; a < nq; ++a) {
         float* sa = score.data() + a * stride;
         const int64_t vis = visible[a];
+        const bool* mt = mask != nullptr ? mask + (t0 + a % nt) * total : nullptr;
         __m512 vmx = _mm512_set1_ps(ninf);
         for (int64_t j = 0; j < stride; j += 16) {
           __mmask16 keep = j + 16 <= vis ? __mmask16(0xFFFF) : j < vis ? __mmask16((1u << (vis - j)) - 1) : __mmask16(0);
-          if (mask != nullptr && keep != 0) {
-            const bool* mt = mask + (t0 + a % nt) * total + j;
-            keep &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(keep, mt), _mm_set1_epi8(1));
+          if (mt != nullptr && keep != 0)
+            keep &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(keep, mt + j), _mm_set1_epi8(1));
+          __m512 s = _mm512_loadu_ps(sa + j);
+          if (keep != __mmask16(0xFFFF)) {
+            s = _mm512_mask_blend_ps(keep, _mm512_set1_ps(ninf), s);
+            _mm512_storeu_ps(sa + j, s);
           }
-          const __m512 s = _mm512_mask_blend_ps(keep, _mm512_set1_ps(ninf), _mm512_loadu_ps(sa + j));
-          _mm512_storeu_ps(sa + j, s);
           vmx = _mm512_max_ps(vmx, s);
         }
         const float mx = _mm512_reduce_max_ps(vmx);  // a max is exact in any order
         const __m512 vm = _mm512_set1_ps(mx == ninf ? 0.0f : mx);
+        if constexpr (kBf16) {
+          // p rounded to bf16 once: the sum and the weighted sums use the same p. The sum runs
+          // over the query's visible positions (position_sum); below j0 every slot is the
+          // position of its index, so those blocks go straight to the lanes.
+          const int64_t j0 = (mask != nullptr ? length : vis) & ~int64_t(15);
+          __m512 lanes = _mm512_setzero_ps();
+          for (int64_t j = 0; j < stride; j += 16) {
+            const __m512 s = _mm512_loadu_ps(sa + j);
+            const __mmask16 live = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb.data() + a * stride + j), h);
+            const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            if (j < j0) lanes = _mm512_add_ps(lanes, e);
+            else _mm512_storeu_ps(sa + j, e);
+          }
+          // the rest in position order: slots [j0, length) and then the visible new slots
+          // (a tree's ancestors and the token itself, positions length, length + 1, ...), or
+          // slots [j0, vis) causally
+          int64_t k = 0;
+          for (int64_t j = j0; j < (mask != nullptr ? length : vis); ++j) rest[k++] = sa[j];
+          if (mask != nullptr)
+            for (int64_t j = length; j < total; ++j)
+              if (mt[j]) rest[k++] = sa[j];
+          sums[a] = position_sum(lanes, rest.data(), k);
+          continue;
+        }
         for (int64_t j = 0; j < stride; j += 16) {
           const __m512 s = _mm512_loadu_ps(sa + j);
           const __mmask16 live = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
-          __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm)));
-          if constexpr (kBf16) {  // p rounded to bf16 once: the sum and the weighted sums use the same p
-            const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb.data() + a * stride + j), h);
-            e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-          }
-          _mm512_storeu_ps(sa + j, e);
+          _mm512_storeu_ps(sa + j, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, vm))));
         }
         prow[a] = sa;
       }
-      fastdecode::row_sums(prow.data(), visible.data(), nq, sums.data());
+      if constexpr (!kBf16) fastdecode::row_sums(prow.data(), visible.data(), nq, sums.data());
       if constexpr (kBf16) {
         pair_values<C>(pb.data(), stride, sums.data(), visible.data(), mask, t0, nt, nq, length, total, Vg,
                        base.data(), gathered.data(), ngathered.data(), n + 2, acc.data(), outs.data());
