@@ -52,7 +52,7 @@ __all__ = [
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_q.cpp", "attention.cpp", "attention_512.cpp", "layer.cpp", "sampling.cpp")]
-_HEADERS = [_CSRC / "kernels.h"]
+_HEADERS = [_CSRC / "kernels.h", _CSRC / "avx512.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
 _lock = threading.Lock()

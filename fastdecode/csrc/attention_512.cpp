@@ -46,6 +46,8 @@
 // behind `if constexpr (kBf16)` or in functions only it calls), so it runs on AVX512 CPUs without BF16.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
+#include "avx512.h"
+
 namespace {
 
 constexpr int64_t kBlock = 64;  // slots per cache block (16 KB of keys at hd 64): L1-sized
@@ -304,15 +306,13 @@ void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const in
 // that depends on the positions alone: lane l of `lanes` holds the sum, block by block, of
 // positions 16b + l below some multiple of 16, j0; rest[0..k) are the numerators of positions
 // j0, j0 + 1, ...; rest's whole blocks of 16 go on into the lanes, the lanes are summed by a
-// fixed tree (halves, then hsum8), and the last k % 16 are added one at a time. A token's sum is
+// fixed tree (hsum16), and the last k % 16 are added one at a time. A token's sum is
 // the same whatever j0 was (a multiple of 16 at most its position count): in a tree forward j0
 // is the cache length rounded down, in a one-token forward its own slot count rounded down.
 inline float position_sum(__m512 lanes, const float* rest, int64_t k) {
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) lanes = _mm512_add_ps(lanes, _mm512_loadu_ps(rest + i));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(lanes),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
-  float sum = fastdecode::hsum8(half);
+  float sum = fastdecode::hsum16(lanes);
   for (; i < k; ++i) sum += rest[i];
   return sum;
 }

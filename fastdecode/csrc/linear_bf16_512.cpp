@@ -55,6 +55,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
+#include "avx512.h"
+
 namespace {
 
 constexpr int kUnit = 8;                  // weight rows per unit of parallel work
@@ -62,13 +64,6 @@ constexpr int64_t kL1Bytes = 24 * 1024;   // bf16 activation bytes per token chu
 constexpr int64_t kRowChunk = 64;         // weight rows per L2-resident chunk
 constexpr int64_t kPrefetchBytes = 8192;  // prefetch the weights this far ahead of each row's reads (into L2)
 constexpr int64_t kMinTaskMacs = 1 << 18; // below this a task runs inline
-
-// The sum of 16 lanes: the two 8-lane halves added lane by lane, then hsum8's order.
-inline float hsum16(__m512 v) {
-  const __m256 lo = _mm512_castps512_ps256(v);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-  return fastdecode::hsum8(_mm256_add_ps(lo, hi));
-}
 
 // One R x T register tile over the whole of K. w: R weight rows (stride K); xb: T bf16
 // activation rows (stride Kp, zero-padded to Kp = K rounded up to 32); y: T output rows
@@ -113,7 +108,7 @@ inline void tile(const uint16_t* w, const uint16_t* xb, float* y, const float* b
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 32
     for (int t = 0; t < T; ++t) {
-      const float s = hsum16(acc[r][t]);
+      const float s = fastdecode::hsum16(acc[r][t]);
       y[t * N + r] = bias ? s + bias[r] : s;
     }
 }
