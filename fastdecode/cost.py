@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastdecode.kernels import bf16_isa, source_digest
+from fastdecode.kernels import amx_bf16, bf16_isa, source_digest
 from fastdecode.model import Transformer
 from fastdecode.weights import cache_root
 
@@ -73,7 +73,7 @@ class CostCurve:
         """Load the curve measured for `key` (+ threads and CPU) or measure and store it."""
         ident = (
             f"{key}|threads={torch.get_num_threads()}|cpu={_cpu_name()}|torch={torch.__version__}"
-            f"|kernels={source_digest()}|isa={bf16_isa()}"
+            f"|kernels={source_digest()}|isa={bf16_isa()}|amx={amx_bf16()}"
         )
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         path = cache_root() / "cost" / f"{digest}.json"

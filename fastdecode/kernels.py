@@ -30,6 +30,11 @@ speculative decoding token-for-token equal to AR. On CPUs with AVX512F/BW/VL the
 core is ``csrc/attention_512.cpp`` (16 lanes; half the AVX2 core's time for a 16-token tree);
 ``FASTDECODE_NO_AVX512=1`` forces the AVX2 code for both.
 
+On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) a matrix packed by ``pack_amx`` runs
+``csrc/linear_bf16_amx.cpp``, the tile unit: one token costs about what ``vdpbf16ps`` does and 16
+tokens about what one does, where ``vdpbf16ps`` takes ~2.3x (README). The model packs its bf16
+matrices so at load where ``amx_bf16()`` holds; ``FASTDECODE_NO_AMX=1`` turns that off.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``
 and cached by torch under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); the first build takes ~30 s. A failed build is
@@ -45,13 +50,13 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "attention_op", "bf16_isa", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
+    "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
     "race_order_op", "recycle_update_op",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_q.cpp", "attention.cpp", "attention_512.cpp", "layer.cpp", "sampling.cpp")]
+_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_bf16_amx.cpp", "linear_q.cpp", "attention.cpp", "attention_512.cpp", "layer.cpp", "sampling.cpp")]
 _HEADERS = [_CSRC / "kernels.h", _CSRC / "avx512.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
@@ -146,10 +151,35 @@ def bf16_linear_op() -> Callable[..., torch.Tensor] | None:
 
 
 def bf16_isa() -> str | None:
-    """Which bf16_linear runs: "avx512bf16" (vdpbf16ps, bf16-rounded activations; on CPUs with
-    AVX512-BF16 unless FASTDECODE_NO_AVX512=1) or "avx2" (fp32 activations); None without kernels."""
+    """Which bf16_linear runs on [N, K] weights: "avx512bf16" (vdpbf16ps, bf16-rounded activations; on
+    CPUs with AVX512-BF16 unless FASTDECODE_NO_AVX512=1) or "avx2" (fp32 activations); None without
+    kernels. Weights packed by ``pack_amx`` take the AMX kernel (``amx_bf16``)."""
     ops = _load()
     return None if ops is None else ops.bf16_isa()
+
+
+def amx_bf16() -> bool:
+    """True when ``bf16_linear`` can take ``pack_amx`` weights: the CPU has AMX-TILE and AMX-BF16, the
+    OS lets this process use the tiles, AVX512-BF16 is on and ``FASTDECODE_NO_AMX`` is unset."""
+    ops = _load()
+    return ops is not None and bool(ops.amx_bf16())
+
+
+def bf16_kernel() -> str | None:
+    """The kernel a bf16 model's matrices run on (what reports print): "amx" where `build_model` packs
+    them (``amx_bf16()``), else ``bf16_isa()``."""
+    return "amx" if amx_bf16() else bf16_isa()
+
+
+def pack_amx(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 ``[N, K]`` -> ``[N / 16, K / 2, 16, 2]``, the AMX kernel's layout: for each block of 16 output
+    rows, pair by pair of k, the rows' two weights side by side. N must be a multiple of 16, K of 32."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D bfloat16 tensor [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"pack_amx needs N % 16 == 0 and K % 32 == 0, got N={n}, K={k}")
+    return weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def attention_isa() -> str | None:
@@ -222,18 +252,21 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Raise ValueError unless the arguments match what the kernel reads raw."""
     if x.dtype != torch.float32 or x.dim() != 2:
         raise ValueError(f"x must be a 2-D float32 tensor [n, K], got {x.dtype} {tuple(x.shape)}")
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+    packed = weight.dim() == 4 and tuple(weight.shape[2:]) == (16, 2)
+    if weight.dtype != torch.bfloat16 or not (weight.dim() == 2 or packed):
         raise ValueError(
-            f"weight must be a 2-D bfloat16 tensor [N, K], got {weight.dtype} {tuple(weight.shape)}"
+            f"weight must be a bfloat16 tensor [N, K] or pack_amx's [N / 16, K / 2, 16, 2], "
+            f"got {weight.dtype} {tuple(weight.shape)}"
         )
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x has K={x.shape[1]} but weight has K={weight.shape[1]}")
+    if packed and not amx_bf16():
+        raise ValueError("pack_amx weights need a CPU with AMX-BF16 (amx_bf16() is False)")
+    n_out, k = (weight.shape[0] * 16, weight.shape[1] * 2) if packed else tuple(weight.shape)
+    if k != x.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]} but weight has K={k}")
     tensors = [("x", x), ("weight", weight)]
     if bias is not None:
-        if bias.dtype != torch.float32 or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"bias must be a float32 tensor [{weight.shape[0]}], got {bias.dtype} {tuple(bias.shape)}"
-            )
+        if bias.dtype != torch.float32 or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must be a float32 tensor [{n_out}], got {bias.dtype} {tuple(bias.shape)}")
         tensors.append(("bias", bias))
     for name, t in tensors:
         if t.device.type != "cpu":
@@ -245,7 +278,8 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` with bf16 weights, fp32 activations and fp32 accumulation.
 
-    x: float32 [n, K], contiguous. weight: bfloat16 [N, K], contiguous.
+    x: float32 [n, K], contiguous. weight: bfloat16 [N, K], contiguous, or ``pack_amx(W)`` where
+    ``amx_bf16()`` holds (the AMX kernel: another summation order, as row-independent).
     bias: float32 [N] or None. Returns a new float32 [n, N] tensor. Matches
     ``F.linear(x, weight.float(), bias)`` up to fp32 summation order.
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import attention_isa, attention_op, bf16_linear_op, layer_ops
+from fastdecode.kernels import amx_bf16, attention_isa, attention_op, bf16_linear_op, layer_ops, pack_amx
 from fastdecode.kv_cache import KVCache
 from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
 
@@ -80,8 +80,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Module):
     """y = x W^T (+ b) with fp32 activations and W stored as float32 or bfloat16.
 
-    bf16 weights go through the hand-written AVX2 kernel when it is available: on CPUs without
+    bf16 weights go through the hand-written kernels when they are available: on CPUs without
     native bf16 math torch's bf16 GEMM costs ~n times its 1-row time for n rows (see kernels.py).
+    On CPUs with AMX the weight is `pack_amx`'s [N / 16, K / 2, 16, 2] after `build_model`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -448,7 +449,20 @@ def build_model(
     model.kv_dtype = kv_cache_dtype(dtype, cfg.head_dim)
     if dtype in QUANT_DTYPES:
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
+    elif dtype == "bfloat16" and amx_bf16():
+        _pack_linears_amx(model)
     return model.eval()
+
+
+def _pack_linears_amx(model: Transformer) -> None:
+    """Pack each bf16 matrix the AMX kernel can take (N % 16 == 0, K % 32 == 0; the others keep the
+    vdpbf16ps kernel) for good, so every forward, one token or a tree, runs the same kernel on it.
+    A tied LM head gets its own packed copy (the embedding rows stay as they are for lookups)."""
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.dtype == torch.bfloat16:
+            n, k = module.weight.shape
+            if n % 16 == 0 and k % 32 == 0:
+                module.weight = nn.Parameter(pack_amx(module.weight.detach()), requires_grad=False)
 
 
 def kv_cache_dtype(dtype: str, head_dim: int) -> torch.dtype:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from fastdecode import LLM
-from fastdecode.kernels import attention_op, bf16_isa
+from fastdecode.kernels import attention_op, bf16_kernel
 
 
 def median_ms(fn, reps: int) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     sizes = [int(n) for n in args.sizes.split(",")]
     llm = LLM(dtype=args.dtype, threads=args.threads, max_model_len=max(contexts) + max(sizes) + 8)
     model, cfg = llm.model, llm.model.cfg
-    print(f"{args.dtype}, {args.threads} threads, bf16 kernel {bf16_isa()}, medians of {args.reps} (ms)")
+    print(f"{args.dtype}, {args.threads} threads, bf16 kernel {bf16_kernel()}, medians of {args.reps} (ms)")
     gen = torch.Generator().manual_seed(0)
     for context in contexts:
         cache = model.new_cache()

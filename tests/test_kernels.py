@@ -59,6 +59,101 @@ def test_isa_follows_the_cpu_and_the_switch() -> None:
     )
 
 
+def test_amx_follows_the_cpu_and_the_switch() -> None:
+    """CPUs with AMX-TILE, AMX-BF16 and AVX512-BF16 take packed matrices unless FASTDECODE_NO_AMX (or
+    FASTDECODE_NO_AVX512) is set; a bf16 model's reports then name the "amx" kernel."""
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    off = any(os.environ.get(v, "0") not in ("", "0") for v in ("FASTDECODE_NO_AMX", "FASTDECODE_NO_AVX512"))
+    wanted = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f"} <= flags and not off
+    assert kernels.amx_bf16() == wanted
+    assert kernels.bf16_kernel() == ("amx" if wanted else kernels.bf16_isa())
+
+
+def _amx_or_skip() -> None:
+    if not kernels.amx_bf16():
+        pytest.skip("this CPU (or FASTDECODE_NO_AMX) gives no AMX-BF16: packed matrices cannot run here")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("big_n,k", [(16, 32), (48, 64), (208, 576), (96, 1536)])
+def test_amx_packed_matches_f_linear_and_rows_are_independent(big_n: int, k: int, bias: bool) -> None:
+    """The AMX kernel on pack_amx weights: close to F.linear on bf16-rounded activations, and each
+    row the same bits alone, in any batch (one or two token tiles a pass, partial tiles) and on any
+    thread count."""
+    _amx_or_skip()
+    x, w, b = _inputs(70, k, big_n, bias)
+    packed = kernels.pack_amx(w)
+    full = kernels.bf16_linear(x, packed, b)
+    torch.testing.assert_close(full, F.linear(x.bfloat16().float(), w.float(), b), rtol=1e-5, atol=1e-4 * max(1.0, k / 576))
+    for n in (1, 2, 15, 16, 17, 31, 32, 33, 48, 49, 64):
+        part = kernels.bf16_linear(x[:n].contiguous(), packed, b)
+        assert torch.equal(part, full[:n]), f"n={n}"
+    for i in (0, 17, 69):
+        assert torch.equal(kernels.bf16_linear(x[i : i + 1], packed, b)[0], full[i]), f"row {i}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.bf16_linear(x, packed, b), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pack_amx_layout_and_errors() -> None:
+    """pack_amx puts row 16 i + r's weights k = 2p, 2p + 1 at [i, p, r, 0:2]; shapes it cannot pack
+    are refused with the shape named."""
+    w = torch.arange(32 * 64, dtype=torch.float32).reshape(32, 64).bfloat16()
+    packed = kernels.pack_amx(w)
+    assert packed.shape == (2, 32, 16, 2)
+    assert torch.equal(packed[1, 5, 3], w[16 + 3, 10:12])
+    with pytest.raises(ValueError, match="N=20, K=64"):
+        kernels.pack_amx(torch.zeros(20, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="N=16, K=40"):
+        kernels.pack_amx(torch.zeros(16, 40, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.pack_amx(torch.zeros(16, 64))
+    if kernels.amx_bf16():
+        x = torch.randn(2, 32)
+        with pytest.raises(ValueError, match="K=64"):
+            kernels.bf16_linear(x, packed, None)
+        with pytest.raises(ValueError, match="bias must be a float32 tensor \\[32\\]"):
+            kernels.bf16_linear(torch.randn(2, 64), packed, torch.zeros(16))
+
+
+def test_without_amx_packed_weights_are_refused_and_models_stay_unpacked(tiny_llama_dir: Path) -> None:
+    """With FASTDECODE_NO_AMX=1 a bf16 model keeps [N, K] matrices (the vdpbf16ps or AVX2 kernel) and a
+    packed matrix gets a clear error, not a crash; here, on an AMX CPU, the same model is packed."""
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from fastdecode import kernels
+        from fastdecode.llm import LLM
+        from fastdecode.model import Linear
+        assert not kernels.amx_bf16()
+        llm = LLM({str(tiny_llama_dir)!r}, dtype="bfloat16")
+        assert all(m.weight.dim() == 2 for m in llm.model.modules() if isinstance(m, Linear))
+        try:
+            kernels.bf16_linear(torch.randn(1, 64), torch.zeros(1, 32, 16, 2, dtype=torch.bfloat16), None)
+        except ValueError as exc:
+            assert "AMX-BF16" in str(exc), exc
+        else:
+            raise AssertionError("packed weights ran without AMX")
+        print("ok")
+        """
+    )
+    env = dict(os.environ, FASTDECODE_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    if kernels.amx_bf16():
+        from fastdecode.llm import LLM
+        from fastdecode.model import Linear
+
+        llm = LLM(str(tiny_llama_dir), dtype="bfloat16")
+        linears = [m for m in llm.model.modules() if isinstance(m, Linear)]
+        assert linears and all(m.weight.dim() == 4 for m in linears)
+        assert llm.model.embed.weight.dim() == 2
+
+
 def test_the_avx2_kernel_in_a_process_without_avx512() -> None:
     """On an AVX512-BF16 machine the AVX2 kernel (what AVX2-only CPUs run) is still checked here:
     fp32 activations, close to F.linear, rows independent of the batch."""
@@ -84,12 +179,16 @@ def test_the_avx2_kernel_in_a_process_without_avx512() -> None:
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_the_avx2_attention_and_tree_exactness_in_a_process_without_avx512() -> None:
+@pytest.mark.parametrize("switch", ["FASTDECODE_NO_AVX512", "FASTDECODE_NO_AMX"])
+def test_the_other_kernels_attention_and_tree_exactness_in_a_process_without_them(switch: str) -> None:
     """The AVX2 attention core (what AVX2-only CPUs run; AVX512 CPUs run attention_512.cpp) still
     matches torch, gives a row the same bits alone or in a chunk, and keeps tree forwards equal
-    to one-token forwards bit for bit."""
+    to one-token forwards bit for bit; on an AMX CPU the same for unpacked bf16 matrices (what
+    AVX512-BF16 CPUs without AMX run)."""
+    if switch == "FASTDECODE_NO_AMX" and not kernels.amx_bf16():
+        pytest.skip("no AMX here: this process already runs the kernels FASTDECODE_NO_AMX would")
     tests = Path(__file__).resolve().parent
-    env = dict(os.environ, FASTDECODE_NO_AVX512="1")
+    env = dict(os.environ, **{switch: "1"})
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "(attention or tree_forward) and not process",
          str(tests / "test_kernels.py"), str(tests / "test_exactness.py")],

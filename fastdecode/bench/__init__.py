@@ -66,6 +66,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a trained draft head (fastdecode train-head): method 'head' runs, and 'auto' has it as a member")
     parser.add_argument("--datastore", default=None,
                         help="a corpus for 'suffix' and 'auto' to draft from (.jsonl of text or ids rows, or text)")
+    parser.add_argument("--draft-budget", type=int, default=None,
+                        help="most draft nodes a step verifies (default: fastdecode.llm.DEFAULT_DRAFT_BUDGET)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0 samples (our methods only: use --peers none); every method gets the same seed")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -155,7 +157,8 @@ def _build_runners(args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]
     # the runner after (the peers keep no cache between calls either)
     llm = LLM(args.model, dtype=args.dtype, threads=_threads(args), max_model_len=args.max_model_len,
               draft_model=args.draft_model, prefix_cache=False, draft_head=args.draft_head,
-              datastore=args.datastore)
+              datastore=args.datastore,
+              **({} if args.draft_budget is None else {"draft_budget": args.draft_budget}))
     runners = [MethodRunner(llm, m, sampling) for m in methods]
     # HF peers compute in bf16 unless we run fp32 (transformers has no CPU kernels for our block formats)
     hf_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16

@@ -141,7 +141,7 @@ def markdown_report(summary: dict[str, dict[str, Stats]], info: dict[str, Any], 
 
 def _header(info: dict[str, Any]) -> str:
     keys = [
-        ("model", "model"), ("dtype", "dtype"), ("bf16_kernel", "bf16 kernel"), ("threads", "threads"), ("cpu", "CPU"),
+        ("model", "model"), ("dtype", "dtype"), ("bf16_kernel", "bf16 kernel"), ("draft_budget", "draft budget"), ("threads", "threads"), ("cpu", "CPU"),
         ("usable_cores", "cores"), ("torch", "torch"), ("transformers", "transformers"),
         ("llama_cpp_python", "llama-cpp-python"), ("git_commit", "commit"), ("max_new_tokens", "max new tokens"),
         ("limit", "prompts per category"), ("temperature", "temperature (0: greedy)"), ("top_p", "top_p"),

@@ -24,7 +24,7 @@ import torch
 
 from fastdecode.bench.data import REPO_ROOT, BenchPrompt
 from fastdecode.bench.peers import Generation, Runner
-from fastdecode.kernels import bf16_isa
+from fastdecode.kernels import bf16_kernel
 from fastdecode.llm import LLM
 
 WARMUP_PROMPT = "List three everyday uses of a paper clip."
@@ -127,7 +127,8 @@ def machine_info(llm: LLM, threads: int) -> dict[str, Any]:
         "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": _version("transformers"), "llama_cpp_python": _version("llama-cpp-python"),
-        "threads": threads, "dtype": llm.dtype, "bf16_kernel": bf16_isa(), "model": llm.model_path, "git_commit": _git_commit(),
+        "threads": threads, "dtype": llm.dtype, "bf16_kernel": bf16_kernel(),
+        "draft_budget": llm.draft_budget, "model": llm.model_path, "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -15,6 +15,12 @@ namespace fastdecode {
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // The AVX512-BF16 bf16_linear (linear_bf16_512.cpp), raw pointers; call only if has_avx512bf16().
 void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
+// The AMX-BF16 bf16_linear (linear_bf16_amx.cpp) on weights packed [N / 16, K / 2, 16, 2], raw
+// pointers; call only if has_amx_bf16().
+void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
+// Whether this CPU has AMX-TILE and AMX-BF16, the OS lets this process use the tiles, has_avx512bf16()
+// holds and FASTDECODE_NO_AMX is not set.
+bool has_amx_bf16();
 // Whether this CPU has AVX512F/BW/VL and AVX512-BF16, and FASTDECODE_NO_AVX512 is not set.
 bool has_avx512bf16();
 // Whether this CPU has AVX512F/BW/VL, and FASTDECODE_NO_AVX512 is not set.

@@ -164,16 +164,21 @@ void permute_activations(const float* x, float* xp, int64_t n, int64_t K) {
   }
 }
 
+// weight: [N, K] as loaded, or [N / 16, K / 2, 16, 2] packed for AMX (kernels.pack_amx).
 void check_inputs(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "x must be a contiguous float32 CPU tensor [n, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
-                  weight.is_contiguous() && weight.is_cpu(),
-              "weight must be a contiguous bfloat16 CPU tensor [N, K]");
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight.size(1) must equal x.size(1)");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.is_cpu() &&
+                  (weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 2 &&
+                                         weight.size(1) % 16 == 0)),
+              "weight must be a contiguous bfloat16 CPU tensor [N, K] or AMX-packed [N / 16, K / 2, 16, 2]");
+  TORCH_CHECK(weight.dim() == 2 || fastdecode::has_amx_bf16(), "AMX-packed weights need a CPU with AMX-BF16");
+  const int64_t K = weight.dim() == 2 ? weight.size(1) : weight.size(1) * 2;
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : weight.size(0) * 16;
+  TORCH_CHECK(K == x.size(1), "weight's K (", K, ") must equal x.size(1) (", x.size(1), ")");
   if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N &&
                     bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->is_cpu(),
                 "bias must be a contiguous float32 CPU tensor [N]");
 }
@@ -185,11 +190,16 @@ namespace fastdecode {
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
   check_inputs(x, weight, bias);
-  const int64_t n = x.size(0), K = x.size(1), N = weight.size(0);
+  const bool packed = weight.dim() == 4;
+  const int64_t n = x.size(0), K = x.size(1), N = packed ? weight.size(0) * 16 : weight.size(0);
   at::Tensor y = at::empty({n, N}, x.options());
   if (n == 0 || N == 0) return y;
   const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (packed) {
+    bf16_linear_amx(x.data_ptr<float>(), W, b, y.data_ptr<float>(), n, K, N);
+    return y;
+  }
   if (has_avx512bf16()) {
     bf16_linear_512(x.data_ptr<float>(), W, b, y.data_ptr<float>(), n, K, N);
     return y;
@@ -212,12 +222,14 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 std::string bf16_isa() { return has_avx512bf16() ? "avx512bf16" : "avx2"; }
+bool amx_bf16() { return has_amx_bf16(); }
 
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("bf16_isa() -> str", &fastdecode::bf16_isa);  // no tensors: a catch-all kernel
+  m.def("amx_bf16() -> bool", &fastdecode::amx_bf16);
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {

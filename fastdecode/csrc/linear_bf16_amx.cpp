@@ -1,0 +1,186 @@
+// bf16_linear on CPUs with AMX-BF16 (Intel Sapphire Rapids and later), for weights packed by
+// pack_amx (kernels.py): the same y[n, N] = x[n, K] @ W[N, K]^T + bias[N], computed by the tile
+// unit. One TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one and adds the products into a
+// 16 x 16 fp32 tile: 8,192 multiply-adds an instruction, against 32 for vdpbf16ps. The activations
+// are rounded to bf16 once per call (round to nearest even), as in linear_bf16_512.cpp.
+//
+// Why: with vdpbf16ps on such a CPU the multiply-adds of a draft tree do not hide under the weight
+// stream (a whole forward of 8 tokens cost 1.60x one token, 16 tokens 2.57x; Xeon with AMX, 2
+// threads, scripts/forward_cost.py). The tile unit does 16 tokens' multiply-adds in about the time
+// one token's weights arrive.
+//
+// Layout: the weights are the tiles' B operand, packed once at load: [N / 16][K / 2][16][2], i.e.
+// for each block of 16 output rows, pair by pair of k, the 16 rows' (k = 2p, 2p + 1) side by side.
+// A B tile (16 pairs = 32 k of 16 rows) is then 1 KB in one piece and a row block's weights one
+// stream. The activations are the A operand as they lie, [n, K] bf16 rows, up to 16 tokens a tile,
+// and C (tokens x 16 rows, fp32) is stored straight into y. Weights as the A operand, [N, K] as
+// loaded (16 row streams, the activations repacked per call as B and C written transposed) made
+// one token 10-15 % slower than linear_bf16_512.cpp; this layout is 5-8 % faster than it at one
+// token, and 16 tokens cost about what one does (the 30 layers' linears and the LM head alone,
+// 2 threads: README).
+//
+// Order: each y[t][r] is the same sequence of TDPBF16PS over K on token t's row of activations and
+// row r's weights whatever n, the tile the token falls in (a tile's row count is a setting) or the
+// thread, so a token's result does not depend on the rows beside it (the property lossless
+// speculative decoding needs; tests/test_kernels.py). It is not the vdpbf16ps kernel's order: a
+// matrix is packed or not for good, and every call on it takes the same kernel.
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+
+namespace {
+
+constexpr int64_t kRows = 16;    // output rows a block (C columns); B is 16 pairs x 16 rows x 2
+constexpr int64_t kTokens = 16;  // tokens a tile at most (A and C rows)
+constexpr int64_t kDepth = 32;   // k a tile
+constexpr int64_t kMinTaskMacs = 1 << 18;  // below this a task runs inline
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles of a pass over two token groups (m0 and m1 tokens) and two row blocks: C 0-1 group 0's,
+// C 2-3 group 1's, A 4 and 5 the groups' activations, B 6 and 7 the row blocks' weights. Every
+// row is 64 bytes (16 fp32, 32 bf16, 16 bf16 pairs).
+void load_config(int m0, int m1) {
+  TileConfig cfg;
+  const uint8_t rows[8] = {uint8_t(m0), uint8_t(m0), uint8_t(m1), uint8_t(m1), uint8_t(m0), uint8_t(m1), 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = rows[t];
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// x fp32 [n, K] -> bf16 [n, K], round to nearest even (K % 32 == 0).
+void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) {
+  for (int64_t i = 0; i < n * K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+}
+
+// G token groups (rows t0.. and t0 + 16..) x R row blocks (blk..): y's tiles, bias added after.
+template <int G, int R>
+void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, int64_t K, int64_t N, int64_t n,
+          int64_t t0, int64_t blk) {
+  _tile_zero(0);
+  if constexpr (R > 1) _tile_zero(1);
+  if constexpr (G > 1) _tile_zero(2);
+  if constexpr (G > 1 && R > 1) _tile_zero(3);
+  const uint16_t* a = xb + t0 * K;
+  const uint16_t* b = wp + blk * K * kRows;  // block blk: K / 2 pairs x 16 rows x 2
+  for (int64_t k = 0; k < K; k += kDepth) {
+    _tile_loadd(4, a + k, K * 2);
+    if constexpr (G > 1) _tile_loadd(5, a + kTokens * K + k, K * 2);
+    _tile_loadd(6, b + k * kRows, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (G > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (R > 1) {
+      _tile_loadd(7, b + K * kRows + k * kRows, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (G > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  float* c = y + t0 * N + blk * kRows;
+  _tile_stored(0, c, N * 4);
+  if constexpr (R > 1) _tile_stored(1, c + kRows, N * 4);
+  if constexpr (G > 1) _tile_stored(2, c + kTokens * N, N * 4);
+  if constexpr (G > 1 && R > 1) _tile_stored(3, c + kTokens * N + kRows, N * 4);
+  if (bias != nullptr) {
+    const int64_t t1 = std::min(n, t0 + G * kTokens);
+    const __m512 b0 = _mm512_loadu_ps(bias + blk * kRows);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = y + t * N + blk * kRows;
+      _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), b0));
+      if constexpr (R > 1) {
+        _mm512_storeu_ps(row + kRows, _mm512_add_ps(_mm512_loadu_ps(row + kRows), _mm512_loadu_ps(bias + blk * kRows + kRows)));
+      }
+    }
+  }
+}
+
+// Row blocks [2 u0, 2 u1) (pairs of blocks; the last may be one) for every token, two token
+// groups a pass: each pair's weights are read from memory once and stay in L2 for the next groups.
+void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, int64_t K, int64_t N, int64_t n,
+           int64_t u0, int64_t u1) {
+  const int64_t blocks = N / kRows;
+  int configured = -1;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t blk = 2 * u;
+    const bool two = blk + 1 < blocks;
+    for (int64_t t0 = 0; t0 < n; t0 += 2 * kTokens) {
+      const int m0 = int(std::min(kTokens, n - t0));
+      const int m1 = int(std::clamp<int64_t>(n - t0 - kTokens, 1, kTokens));  // 1: unused
+      if (m0 * 32 + m1 != configured) {
+        load_config(m0, m1);  // per task too: other code on this thread (oneDNN) may set the tiles
+        configured = m0 * 32 + m1;
+      }
+      const bool pair = n - t0 > kTokens;
+      if (pair && two) pass<2, 2>(xb, wp, y, bias, K, N, n, t0, blk);
+      else if (pair) pass<2, 1>(xb, wp, y, bias, K, N, n, t0, blk);
+      else if (two) pass<1, 2>(xb, wp, y, bias, K, N, n, t0, blk);
+      else pass<1, 1>(xb, wp, y, bias, K, N, n, t0, blk);
+    }
+  }
+}
+
+}  // namespace
+
+namespace fastdecode {
+
+void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, float* y, int64_t n, int64_t K,
+                     int64_t N) {
+  at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
+  auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
+  round_activations(x, xb, n, K);
+  const int64_t count = (N / kRows + 1) / 2;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
+  at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, K, N, n, u0, u1); });
+}
+
+}  // namespace fastdecode
+
+#pragma GCC pop_options
+
+namespace {
+
+bool request_amx() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+}  // namespace
+
+namespace fastdecode {
+
+bool has_amx_bf16() {
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTDECODE_NO_AMX");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    if (!has_avx512bf16()) return false;  // FASTDECODE_NO_AVX512 turns AMX off too
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;  // CPUID.7.0:EDX AMX-TILE, AMX-BF16
+    return tile && bf16 && request_amx();  // the kernel must also let this process use the tiles
+  }();
+  return yes;
+}
+
+}  // namespace fastdecode
