@@ -44,7 +44,7 @@
 // avx512bf16 is for the bf16 cache's path only: the fp32 instantiation uses no BF16 instruction
 // (this file has no __bf16 type for the compiler to convert to, and the BF16 intrinsics are all
 // behind `if constexpr (kBf16)` or in functions only it calls), so it runs on AVX512 CPUs without BF16.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 
 #include "avx512.h"
 
@@ -163,6 +163,48 @@ void scores_bf16_range(const uint16_t* q, int64_t qs, const int64_t* visible, in
 #undef FD_SCORES
     }
     a += m;
+  }
+}
+
+// scores_bf16_range on CPUs with AMX-BF16 (has_amx_bf16): the same scores of queries [0, nq)
+// against slots [0, last), by the tile unit. A key block's pairs are already a B tile (16 pairs x
+// 16 slots x 2 bf16, 1 KB in one piece); up to 16 bf16 queries are the A tile; C is their 16
+// slots' scores. Each score is (the sum of its pairs 0-15, then + pairs 16-31, ... by TDPBF16PS)
+// * scale: a function of its query and key alone, whichever tile row, column or block they are in
+// (tests: tree rows equal one-token rows bit for bit). Slots past a query's visible ones are
+// scored too and masked after, as in the range version.
+template <int P>
+void scores_amx(const uint16_t* q, int64_t qs, int64_t nq, const uint16_t* K, int64_t last, float scale, float* score,
+                int64_t stride) {
+  constexpr int64_t block = 2 * fastdecode::kKeyBlock * P;
+  constexpr int kPairs = P < 16 ? P : 16;  // pairs a tile (hd 16: 8)
+  const int64_t blocks = (last + 15) / 16;
+  for (int64_t a0 = 0; a0 < nq; a0 += 16) {
+    const int m = int(std::min<int64_t>(16, nq - a0));
+    struct {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } cfg;
+    cfg.rows[0] = uint8_t(m), cfg.colsb[0] = 64;           // C: m queries x 16 slots, fp32
+    cfg.rows[4] = uint8_t(m), cfg.colsb[4] = 4 * kPairs;   // A: m queries x kPairs pairs
+    cfg.rows[5] = kPairs, cfg.colsb[5] = 64;               // B: kPairs pairs x 16 slots x 2
+    _tile_loadconfig(&cfg);  // per call: the linears' tasks on this thread set their own
+    const uint16_t* qa = q + a0 * qs;
+    float* sa = score + a0 * stride;
+    for (int64_t b = 0; b < blocks; ++b) {
+      _tile_zero(0);
+      for (int t = 0; t < P / kPairs; ++t) {
+        _tile_loadd(4, qa + 2 * kPairs * t, qs * 2);
+        _tile_loadd(5, K + b * block + 32 * kPairs * t, 64);
+        _tile_dpbf16ps(0, 4, 5);
+      }
+      _tile_stored(0, sa + 16 * b, stride * 4);
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int a = 0; a < m; ++a)
+      for (int64_t j = 0; j < 16 * blocks; j += 16)
+        _mm512_storeu_ps(sa + a * stride + j, _mm512_mul_ps(_mm512_loadu_ps(sa + a * stride + j), sc));
   }
 }
 
@@ -324,6 +366,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
   constexpr int Q = C <= 4 ? 4 : 2;  // queries per weighted_sums call: 4 x C accumulators
   const int64_t total = length + n, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool amx = std::is_same_v<T, uint16_t> && fastdecode::has_amx_bf16();
   // A task: the heads of one KV group x a tile of up to 4 tokens. Its queries go over the
   // group's keys block by block and share each loaded row of values. The n tokens are cut into
   // tiles of near-equal size, as few as can be but enough that the tasks (groups x tiles) split
@@ -364,7 +407,8 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
       // Scores. A bf16 cache: its 16-slot key blocks are whole (the cache's slots are a multiple
       // of 16), and scores past `total` are discarded with the masked ones below.
       if constexpr (kBf16) {
-        for (int64_t j0 = 0; j0 < last; j0 += kBlock)
+        if (amx) scores_amx<8 * C>(qb.data(), qs, nq, Kg, last, scale, score.data(), stride);
+        else for (int64_t j0 = 0; j0 < last; j0 += kBlock)
           scores_bf16_range<8 * C>(qb.data(), qs, visible.data(), nq, Kg, j0, std::min(j0 + kBlock, last), scale,
                                    score.data(), stride);
       } else {
