@@ -85,8 +85,14 @@ def check_prompt(prompt_ids: list[int], max_len: int, vocab: int) -> None:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
 
+MAX_TREE_NODES = 63  # a step's forward is at most 64 tokens: the attention core's bound for tree rows
+
+
 def propose(drafter: Drafter, out: RequestOutput, budget: int, room: int) -> DraftTree:
-    """The drafter's tree for the next step, cut to the `room` pending slots the cache has left."""
+    """The drafter's tree for the next step, cut to the `room` pending slots the cache has left and
+    to MAX_TREE_NODES (a tree row of the AMX attention core sees at most 64 new slots, which keeps
+    its bits equal to the one-token forward's: csrc/attention_512.cpp)."""
+    room = min(room, MAX_TREE_NODES)
     tree = drafter.propose(out.prompt_token_ids + out.token_ids, min(budget, room))
     if len(tree) > room:  # parents precede children, so any prefix of a tree is a tree
         tree = DraftTree(tree.tokens[:room], tree.parents[:room])

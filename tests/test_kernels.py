@@ -433,7 +433,8 @@ def test_fused_layer_equals_its_pieces(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("hd", [16, 32, 64, 128])
-@pytest.mark.parametrize("n,length,masked", [(1, 0, False), (1, 37, False), (7, 20, True), (9, 150, False)])
+@pytest.mark.parametrize("n,length,masked", [(1, 0, False), (1, 37, False), (7, 20, True), (9, 150, False),
+                                             (1, 200, False), (12, 170, True)])  # 150-200: AMX's sums from slot 0
 def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int) -> None:
     """On the AVX512-BF16 core a bfloat16 KV cache holds new keys and values rounded to nearest even
     (as torch's .to(bfloat16) rounds them) in its own layouts (keys in 16-slot blocks, values in
@@ -479,7 +480,7 @@ def test_attention_over_a_bf16_cache(n: int, length: int, masked: bool, hd: int)
 
 
 @pytest.mark.parametrize("hd", [16, 64, 128])
-@pytest.mark.parametrize("length", [36, 37, 46])
+@pytest.mark.parametrize("length", [36, 37, 46, 150, 161])  # 150, 161: AMX's first 32-slot chunks end mid-chain
 @pytest.mark.parametrize("nodes,chain", [([-1, 0, 0, 2, 2, 4, 3, 5], [0, 2, 4, 5]), ([-1, 0, 0], [0, 2]), ([-1, 0], [0, 1]),
                                          ([-1] + list(range(18)), list(range(19)))])
 def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, hd: int, nodes: list[int],
@@ -488,7 +489,9 @@ def test_attention_over_a_bf16_cache_tree_rows_are_one_token_rows(length: int, h
     siblings' masked slots, gets the bits of the same token in one-token forwards, its ancestors
     compacted, for odd and even cache lengths, trees of 2, 3 and 8 tokens and a chain of 19
     (softmax sums run in 16 lanes by position: chains that cross a multiple of 16 past the
-    cache, and one whose new positions fill a whole block of lanes)."""
+    cache, and one whose new positions fill a whole block of lanes; with AMX the weighted sums of
+    positions below (position + 1 - 64) rounded down to 32 run on the tile unit, and the chains
+    over 150 and 161 cached slots cross such a bound)."""
     if kernels.attention_isa() != "avx512bf16":
         pytest.skip("bf16 KV caches run on the AVX512-BF16 attention core only")
     op = kernels.attention_op()

@@ -280,12 +280,83 @@ inline void pair_sums(const uint32_t* const* pw, int64_t m0, int64_t m1, const u
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * (b * C + c), a[b][c]);
 }
 
+// On CPUs with AMX-BF16 a query's first pairs go to the tile unit: slots [0, E) with
+// E = (its position + 1 - kWindow) rounded down to a multiple of 32, a function of the token's
+// position alone, so the same in a tree (where E <= the cache length, as a tree row sees at most
+// kWindow new slots: the engine's trees have at most 63 nodes) as in a one-token forward. Each 32
+// slots are one TDPBF16PS of the query's bf16 probabilities (A) and the values' 16 slot pairs x
+// 16 features (B, rows 4 hd bytes apart in the pair layout); the vdpbf16ps pairs then go on from
+// pair E / 2 into the same sums. A query whose E is below a chunk gets a zero row there (exact:
+// its sums gain +0). Not for head_dim 128 (C tiles for 8 x 16 features do not fit).
+constexpr int64_t kWindow = 64;
+
+inline int64_t amx_prefix_end(int64_t position) { return std::max<int64_t>(0, position + 1 - kWindow) & ~int64_t(31); }
+
+// acc[a][0..hd) = the sums over slots [0, ends[a]) of queries [0, nq) (probabilities pb, stride).
+template <int C>
+void amx_prefix(const uint16_t* pb, int64_t stride, const int64_t* ends, int64_t nq, const uint16_t* V, float* acc) {
+  constexpr int64_t hd = 16 * C;
+  for (int64_t a0 = 0; a0 < nq; a0 += 16) {
+    const int m = int(std::min<int64_t>(16, nq - a0));
+    int64_t end = 0, common = INT64_MAX;
+    for (int b = 0; b < m; ++b) end = std::max(end, ends[a0 + b]), common = std::min(common, ends[a0 + b]);
+    struct {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } cfg;
+    for (int c = 0; c < C; ++c) cfg.rows[c] = uint8_t(m), cfg.colsb[c] = 64;  // C: m queries x 16 features
+    cfg.rows[4] = uint8_t(m), cfg.colsb[4] = 64;                                // A: m queries x 32 slots
+    cfg.rows[5] = 16, cfg.colsb[5] = 64;                                        // B: 16 slot pairs x 16 features x 2
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    if constexpr (C > 1) _tile_zero(1);
+    if constexpr (C > 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    alignas(64) uint16_t part[16 * 32];
+    for (int64_t s0 = 0; s0 < end; s0 += 32) {
+      if (s0 < common) {
+        _tile_loadd(4, pb + a0 * stride + s0, stride * 2);
+      } else {  // some rows end before this chunk: zeros there
+        for (int b = 0; b < m; ++b) {
+          if (s0 < ends[a0 + b]) std::memcpy(part + 32 * b, pb + (a0 + b) * stride + s0, 64);
+          else std::memset(part + 32 * b, 0, 64);
+        }
+        _tile_loadd(4, part, 64);
+      }
+      const uint16_t* vb = V + s0 / 2 * 2 * hd;
+      _tile_loadd(5, vb, hd * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (C > 1) {
+        _tile_loadd(5, vb + 32, hd * 4);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      if constexpr (C > 2) {
+        _tile_loadd(5, vb + 64, hd * 4);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(5, vb + 96, hd * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    float* out = acc + a0 * hd;
+    _tile_stored(0, out, hd * 4);
+    if constexpr (C > 1) _tile_stored(1, out + 16, hd * 4);
+    if constexpr (C > 2) {
+      _tile_stored(2, out + 32, hd * 4);
+      _tile_stored(3, out + 48, hd * 4);
+    }
+  }
+}
+
 // out[a] = (the weighted sum of values of query a by its bf16 probabilities pb, in pairs as
 // described above) / sums[a], for the nq queries of a task (t0, nt: its tokens, as in task_queries).
 template <int C>
 void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const int64_t* visible, const bool* mask,
                  int64_t t0, int64_t nt, int64_t nq, int64_t length, int64_t total, const uint16_t* V, int64_t* base,
-                 int64_t* gathered, int64_t* ngathered, int64_t gstride, float* acc, float* const* outs) {
+                 int64_t* gathered, int64_t* ngathered, int64_t gstride, float* acc, float* const* outs, bool amx,
+                 int64_t* ends) {
   constexpr int64_t hd = 16 * C;
   constexpr int Q = C <= 2 ? 8 : C == 4 ? 6 : 2;  // Q x C accumulators, C values, 1 broadcast
   for (int64_t a = 0; a < nq; ++a) {
@@ -295,37 +366,52 @@ void pair_values(const uint16_t* pb, int64_t stride, const float* sums, const in
       base[a] = length & ~int64_t(1);
       if (length % 2) g[k++] = length - 1;
       const bool* mt = mask + (t0 + a % nt) * total;
+      int64_t seen = 0;  // visible new slots: the token's position is length + seen - 1
       for (int64_t j = length; j < total; ++j)
-        if (mt[j]) g[k++] = j;
+        if (mt[j]) g[k++] = j, ++seen;
+      ends[a] = std::min(amx_prefix_end(length + seen - 1), length & ~int64_t(31));  // min: > 63 nodes only
     } else {
       base[a] = visible[a] & ~int64_t(1);
       if (visible[a] % 2) g[k++] = visible[a] - 1;
+      ends[a] = amx_prefix_end(visible[a] - 1);
     }
+    if (!amx || C > 4) ends[a] = 0;
     ngathered[a] = k;
-    std::fill(acc + a * hd, acc + (a + 1) * hd, 0.0f);
+  }
+  if constexpr (C <= 4) {
+    if (amx) amx_prefix<C>(pb, stride, ends, nq, V, acc);
+    else std::fill(acc, acc + nq * hd, 0.0f);
+  } else {
+    std::fill(acc, acc + nq * hd, 0.0f);
   }
   const uint32_t* pw[Q];
-  for (int64_t a0 = 0; a0 < nq; a0 += Q) {  // stored pairs, Q queries at a time up to their least base
+  for (int64_t a0 = 0; a0 < nq; a0 += Q) {  // stored pairs: each query's from ends / 2 to base / 2
     const int64_t m = std::min<int64_t>(Q, nq - a0);
-    int64_t shared = base[a0];
+    int64_t lo = 0, hi = base[a0];  // the pairs all m queries sum together: [lo, hi)
     for (int64_t b = 0; b < m; ++b) {
       pw[b] = reinterpret_cast<const uint32_t*>(pb + (a0 + b) * stride);
-      shared = std::min(shared, base[a0 + b]);
+      lo = std::max(lo, ends[a0 + b]);
+      hi = std::min(hi, base[a0 + b]);
     }
     float* ac = acc + a0 * hd;
+    hi = std::max(hi, lo);
+    for (int64_t b = 0; b < m; ++b) {  // each query's own pairs before the shared ones
+      const uint32_t* one[1] = {pw[b]};
+      pair_sums<C, 1>(one, ends[a0 + b] / 2, std::min(lo, base[a0 + b]) / 2, V, ac + b * hd);
+    }
     switch (m) {
-      case 1: pair_sums<C, 1>(pw, 0, shared / 2, V, ac); break;
-      case 2: pair_sums<C, (Q >= 2 ? 2 : 1)>(pw, 0, shared / 2, V, ac); break;
-      case 3: pair_sums<C, (Q >= 3 ? 3 : 1)>(pw, 0, shared / 2, V, ac); break;
-      case 4: pair_sums<C, (Q >= 4 ? 4 : 1)>(pw, 0, shared / 2, V, ac); break;
-      case 5: pair_sums<C, (Q >= 5 ? 5 : 1)>(pw, 0, shared / 2, V, ac); break;
-      case 6: pair_sums<C, (Q >= 6 ? 6 : 1)>(pw, 0, shared / 2, V, ac); break;
-      case 7: pair_sums<C, (Q >= 7 ? 7 : 1)>(pw, 0, shared / 2, V, ac); break;
-      default: pair_sums<C, Q>(pw, 0, shared / 2, V, ac); break;
+      case 1: pair_sums<C, 1>(pw, lo / 2, hi / 2, V, ac); break;
+      case 2: pair_sums<C, (Q >= 2 ? 2 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      case 3: pair_sums<C, (Q >= 3 ? 3 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      case 4: pair_sums<C, (Q >= 4 ? 4 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      case 5: pair_sums<C, (Q >= 5 ? 5 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      case 6: pair_sums<C, (Q >= 6 ? 6 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      case 7: pair_sums<C, (Q >= 7 ? 7 : 1)>(pw, lo / 2, hi / 2, V, ac); break;
+      default: pair_sums<C, Q>(pw, lo / 2, hi / 2, V, ac); break;
     }
     for (int64_t b = 0; b < m; ++b) {  // each query's own stored pairs past the shared ones
       const uint32_t* one[1] = {pw[b]};
-      pair_sums<C, 1>(one, shared / 2, base[a0 + b] / 2, V, ac + b * hd);
+      pair_sums<C, 1>(one, std::max(hi, std::min(lo, base[a0 + b])) / 2, base[a0 + b] / 2, V, ac + b * hd);
     }
   }
   for (int64_t a = 0; a < nq; ++a) {  // gathered pairs, then / sum
@@ -388,7 +474,7 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
     std::vector<float> q(nq_max * hd), score(nq_max * stride), sums(nq_max);
     std::vector<uint16_t> qb(kBf16 ? nq_max * qs : 0);
     std::vector<uint16_t> pb(kBf16 ? nq_max * stride : 0);  // bf16 probabilities (a bf16 cache)
-    std::vector<int64_t> base(nq_max), gathered(kBf16 ? nq_max * (n + 2) : 0), ngathered(nq_max);
+    std::vector<int64_t> base(nq_max), ends(nq_max), gathered(kBf16 ? nq_max * (n + 2) : 0), ngathered(nq_max);
     std::vector<float> acc(kBf16 ? nq_max * hd : 0);
     std::vector<T> tail(kBf16 ? 0 : 16 * hd);  // an fp32 cache's last, partial group of keys
     std::vector<float> rest(kBf16 ? n + 16 : 0);  // a query's last numerators in position order (bf16 cache)
@@ -480,7 +566,8 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
       if constexpr (!kBf16) fastdecode::row_sums(prow.data(), visible.data(), nq, sums.data());
       if constexpr (kBf16) {
         pair_values<C>(pb.data(), stride, sums.data(), visible.data(), mask, t0, nt, nq, length, total, Vg,
-                       base.data(), gathered.data(), ngathered.data(), n + 2, acc.data(), outs.data());
+                       base.data(), gathered.data(), ngathered.data(), n + 2, acc.data(), outs.data(), amx,
+                       ends.data());
         continue;
       }
       for (int64_t a = 0; a < nq; ++a) {  // p / sum (a row with nothing visible stays zeros)
