@@ -32,7 +32,7 @@ core is ``csrc/attention_512.cpp`` (16 lanes; half the AVX2 core's time for a 16
 
 On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) a matrix packed by ``pack_amx`` runs
 ``csrc/linear_bf16_amx.cpp``, the tile unit: one token costs about what ``vdpbf16ps`` does and 16
-tokens about what one does, where ``vdpbf16ps`` takes ~2.3x (README). The model packs its bf16
+tokens 1.1x one, where ``vdpbf16ps`` takes 2.4x (``scripts/bench_amx.py``, README). The model packs its bf16
 matrices so at load where ``amx_bf16()`` holds; ``FASTDECODE_NO_AMX=1`` turns that off.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``

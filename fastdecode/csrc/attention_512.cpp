@@ -23,6 +23,10 @@
 //             (masked slots included: their p is 0, which leaves out as it was); bf16 cache:
 //             over position pairs (2m, 2m + 1) in order, out += their two p v products by
 //             vdpbf16ps, values stored in slot pairs, then out / sum (pair_values).
+// On CPUs with AMX-BF16 (has_amx_bf16) a bf16 cache's scores are TDPBF16PS products of the
+// bf16 queries and the key blocks as they lie (scores_amx), and a query's weighted sums over
+// positions below (its position + 1 - 64) rounded down to 32 start on the tile unit
+// (amx_prefix): other orders, as fixed, and as blind to n, the tiling and the threads.
 // The functions are compiled for AVX512 by the pragma below; attention() calls them only when
 // the CPU has AVX512F/BW/VL (has_avx512).
 #include <immintrin.h>

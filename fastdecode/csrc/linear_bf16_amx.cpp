@@ -15,9 +15,9 @@
 // stream. The activations are the A operand as they lie, [n, K] bf16 rows, up to 16 tokens a tile,
 // and C (tokens x 16 rows, fp32) is stored straight into y. Weights as the A operand, [N, K] as
 // loaded (16 row streams, the activations repacked per call as B and C written transposed) made
-// one token 10-15 % slower than linear_bf16_512.cpp; this layout is 5-8 % faster than it at one
-// token, and 16 tokens cost about what one does (the 30 layers' linears and the LM head alone,
-// 2 threads: README).
+// one token 10-15 % slower than linear_bf16_512.cpp; this layout is 2-8 % faster than it at one
+// token (several runs), and 16 tokens cost 1.1x what one does (the 30 layers' linears and the LM
+// head alone, 2 threads, scripts/bench_amx.py: README).
 //
 // Order: each y[t][r] is the same sequence of TDPBF16PS over K on token t's row of activations and
 // row r's weights whatever n, the tile the token falls in (a tile's row count is a setting) or the
