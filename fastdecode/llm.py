@@ -35,8 +35,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_DRAFT_BUDGET = 6
 # bf16 on a CPU with AMX (Xeon Sapphire Rapids; the matrices packed for the tile unit, scores and
 # most weighted sums of attention on it too): a 16-token forward over 512 cached tokens costs
-# 1.24x a one-token one, not 2.52x, and `auto` at 10-12 nodes beat 6 (2.45-2.48x our AR against
-# 2.37-2.41x, tau 3.36-3.45 against 2.88; 21 Spec-Bench prompts, README)
+# 1.24x a one-token one, not 2.52x. `auto` was as fast at budgets 6-16 there (2.20-2.24x our AR,
+# 29 prompts interleaved) and its tau higher at 10-12 (3.36-3.45 against 2.88, 21 prompts): 12
+# for the tau at the same speed (README, "bf16 on the AMX machine")
 AMX_DRAFT_BUDGET = 12
 
 
