@@ -40,6 +40,16 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     return F.linear(x, w.float(), b)
 
 
+def _on_one_thread(fn):
+    """fn() with torch's intra-op threads set to 1, then restored."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check(n: int, k: int, big_n: int, bias: bool) -> None:
     x, w, b = _inputs(n, k, big_n, bias)
     y = kernels.bf16_linear(x, w, b)
@@ -91,12 +101,7 @@ def test_amx_packed_matches_f_linear_and_rows_are_independent(big_n: int, k: int
         assert torch.equal(part, full[:n]), f"n={n}"
     for i in (0, 17, 69):
         assert torch.equal(kernels.bf16_linear(x[i : i + 1], packed, b)[0], full[i]), f"row {i}"
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(kernels.bf16_linear(x, packed, b), full)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(_on_one_thread(lambda: kernels.bf16_linear(x, packed, b)), full)
 
 
 def test_pack_amx_layout_and_errors() -> None:
@@ -279,12 +284,7 @@ def test_a_row_does_not_depend_on_the_batch_or_the_threads() -> None:
             assert torch.equal(kernels.bf16_linear(x[i : i + 1], w, b)[0], full[i]), f"n={n} k={k} row {i}"
     x, w, b = _inputs(37, 576, 203, bias=True)
     full = kernels.bf16_linear(x, w, b)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(kernels.bf16_linear(x, w, b), full)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(_on_one_thread(lambda: kernels.bf16_linear(x, w, b)), full)
 
 
 def _attention_case(n: int, length: int, heads: int = 4, kv_heads: int = 2, hd: int = 16, seed: int = 0):

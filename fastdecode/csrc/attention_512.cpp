@@ -185,11 +185,7 @@ void scores_amx(const uint16_t* q, int64_t qs, int64_t nq, const uint16_t* K, in
   const int64_t blocks = (last + 15) / 16;
   for (int64_t a0 = 0; a0 < nq; a0 += 16) {
     const int m = int(std::min<int64_t>(16, nq - a0));
-    struct {
-      uint8_t palette = 1, start_row = 0, reserved[14] = {};
-      uint16_t colsb[16] = {};
-      uint8_t rows[16] = {};
-    } cfg;
+    fastdecode::AmxTileConfig cfg;
     cfg.rows[0] = uint8_t(m), cfg.colsb[0] = 64;           // C: m queries x 16 slots, fp32
     cfg.rows[4] = uint8_t(m), cfg.colsb[4] = 4 * kPairs;   // A: m queries x kPairs pairs
     cfg.rows[5] = kPairs, cfg.colsb[5] = 64;               // B: kPairs pairs x 16 slots x 2
@@ -304,11 +300,7 @@ void amx_prefix(const uint16_t* pb, int64_t stride, const int64_t* ends, int64_t
     const int m = int(std::min<int64_t>(16, nq - a0));
     int64_t end = 0, common = INT64_MAX;
     for (int b = 0; b < m; ++b) end = std::max(end, ends[a0 + b]), common = std::min(common, ends[a0 + b]);
-    struct {
-      uint8_t palette = 1, start_row = 0, reserved[14] = {};
-      uint16_t colsb[16] = {};
-      uint8_t rows[16] = {};
-    } cfg;
+    fastdecode::AmxTileConfig cfg;
     for (int c = 0; c < C; ++c) cfg.rows[c] = uint8_t(m), cfg.colsb[c] = 64;  // C: m queries x 16 features
     cfg.rows[4] = uint8_t(m), cfg.colsb[4] = 64;                                // A: m queries x 32 slots
     cfg.rows[5] = 16, cfg.colsb[5] = 64;                                        // B: 16 slot pairs x 16 features x 2

@@ -18,6 +18,15 @@ void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float
 // The AMX-BF16 bf16_linear (linear_bf16_amx.cpp) on weights packed [N / 16, K / 2, 16, 2], raw
 // pointers; call only if has_amx_bf16().
 void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
+// An AMX tile configuration (palette 1), as _tile_loadconfig reads it: tile t has rows[t] rows of
+// colsb[t] bytes. The AMX kernels fill one per task (linear_bf16_amx.cpp, attention_512.cpp).
+struct AmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
 // Whether this CPU has AMX-TILE and AMX-BF16, the OS lets this process use the tiles, has_avx512bf16()
 // holds and FASTDECODE_NO_AMX is not set.
 bool has_amx_bf16();

@@ -49,19 +49,11 @@ constexpr int64_t kTokens = 16;  // tokens a tile at most (A and C rows)
 constexpr int64_t kDepth = 32;   // k a tile
 constexpr int64_t kMinTaskMacs = 1 << 18;  // below this a task runs inline
 
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles of a pass over two token groups (m0 and m1 tokens) and two row blocks: C 0-1 group 0's,
 // C 2-3 group 1's, A 4 and 5 the groups' activations, B 6 and 7 the row blocks' weights. Every
 // row is 64 bytes (16 fp32, 32 bf16, 16 bf16 pairs).
 void load_config(int m0, int m1) {
-  TileConfig cfg;
+  fastdecode::AmxTileConfig cfg;
   const uint8_t rows[8] = {uint8_t(m0), uint8_t(m0), uint8_t(m1), uint8_t(m1), uint8_t(m0), uint8_t(m1), 16, 16};
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = rows[t];
