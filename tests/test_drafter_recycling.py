@@ -196,6 +196,14 @@ def test_native_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None
     tied = torch.tensor([[1.0, 3.0, 3.0, float("nan"), 2.0, 3.0, 0.0, 3.0, 1.0, 5.0]])
     assert op(tied, 4)[0].tolist() == [[9, 1, 2, 5]]
     assert op(torch.full((1, 3), float("nan")), 2)[0].tolist() == [[-1, -1]]
+    if vocab > 30001:  # a wide row (the 64-value tests): NaNs beside the best values in their
+        wide = x[:1].clone()  # blocks are never picked, nor do they hide a value beside them
+        wide[0, 100::37] = float("nan")
+        wide[0, 4001], wide[0, 4005], wide[0, 30000], wide[0, 30001] = float("nan"), 50.0, 40.0, float("nan")
+        got = op(wide, k)
+        want = torch.nan_to_num(wide, nan=float("-inf")).topk(k, dim=-1)
+        assert got[0][0, :2].tolist() == [4005, 30000]
+        assert torch.equal(got[0], want.indices) and torch.equal(got[1], want.values)
     with pytest.raises(RuntimeError, match="k = 0"):
         op(x, 0)
 
