@@ -200,6 +200,7 @@ def test_native_top_k_rows_equals_torch_topk(n: int, vocab: int, k: int) -> None
         wide = x[:1].clone()  # blocks are never picked, nor do they hide a value beside them
         wide[0, 100::37] = float("nan")
         wide[0, 4001], wide[0, 4005], wide[0, 30000], wide[0, 30001] = float("nan"), 50.0, 40.0, float("nan")
+        wide[0, 4013], wide[0, 30008] = float("nan"), float("nan")  # 8 on: the same lane of the next vector
         got = op(wide, k)
         want = torch.nan_to_num(wide, nan=float("-inf")).topk(k, dim=-1)
         assert got[0][0, :2].tolist() == [4005, 30000]
