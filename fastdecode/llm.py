@@ -45,6 +45,8 @@ def default_draft_budget(dtype: str) -> int:
     """The draft budget LLM takes when none is given: AMX_DRAFT_BUDGET for bf16 models on CPUs with
     AMX-BF16 (their matrices run on the tile unit), else DEFAULT_DRAFT_BUDGET."""
     return AMX_DRAFT_BUDGET if dtype == "bfloat16" and amx_bf16() else DEFAULT_DRAFT_BUDGET
+
+
 # generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
 # fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-greedy-final and
 # avx512-bf16-sampled-final), and lossless like every method

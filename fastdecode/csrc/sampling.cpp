@@ -121,29 +121,22 @@ int64_t top_k_row(const float* row, int64_t V, int64_t k, int64_t* idx, float* v
   int64_t j = 0;
   for (; j < V && count < k; ++j)
     if (row[j] == row[j]) insert(row[j], j);
+  auto scan8 = [&](int64_t i) {  // row[i..i + 8) against the k-th best so far, in order
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
+    while (mask) {
+      const int b = __builtin_ctz(mask);
+      insert(row[i + b], i + b);
+      mask &= mask - 1;
+    }
+  };
   for (; j + 64 <= V; j += 64) {  // 64 values a test: past the first few hundred, none beats the k-th
     const __m256 kth = _mm256_set1_ps(vals[k - 1]);
     __m256 any = _mm256_cmp_ps(_mm256_loadu_ps(row + j), kth, _CMP_GT_OQ);  // a NaN compares false
     for (int64_t i = 8; i < 64; i += 8) any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_loadu_ps(row + j + i), kth, _CMP_GT_OQ));
     if (_mm256_movemask_ps(any) == 0) continue;
-    for (int64_t i = j; i < j + 64; i += 8) {
-      int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
-      while (mask) {
-        const int b = __builtin_ctz(mask);
-        insert(row[i + b], i + b);
-        mask &= mask - 1;
-      }
-    }
+    for (int64_t i = j; i < j + 64; i += 8) scan8(i);
   }
-  for (; j + 8 <= V; j += 8) {
-    const __m256 v = _mm256_loadu_ps(row + j);
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
-    while (mask) {
-      const int b = __builtin_ctz(mask);
-      insert(row[j + b], j + b);
-      mask &= mask - 1;
-    }
-  }
+  for (; j + 8 <= V; j += 8) scan8(j);
   for (; j < V; ++j) insert(row[j], j);  // insert() refuses NaN once full (v > x is false)
   return count;
 }
