@@ -51,13 +51,16 @@ class CostCurve:
 
     @classmethod
     def measure(cls, model: Transformer, context: int = 128, repeats: int = 3) -> "CostCurve":
-        """Time forwards of every size in SIZES over a `context`-token cache (medians)."""
+        """Time forwards of every size in SIZES over a `context`-token cache (medians). A short
+        context length (max_model_len below MAX_NODES + 1) shrinks the cache, and then the sizes,
+        to what fits; __call__ extrapolates past the last."""
         cache = model.new_cache()
-        context = min(context, model.max_len - MAX_NODES - 1)
-        model(torch.zeros(context, dtype=torch.long), torch.arange(context), cache)
-        cache.append(context)
+        context = max(0, min(context, model.max_len - MAX_NODES - 1))
+        if context:
+            model(torch.zeros(context, dtype=torch.long), torch.arange(context), cache)
+            cache.append(context)
         times = {}
-        for n in SIZES:
+        for n in (n for n in SIZES if context + n <= model.max_len):
             tokens = torch.zeros(n, dtype=torch.long)
             positions = context + torch.arange(n)
             runs = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdecode.cost import CostCurve
+from fastdecode.cost import SIZES, CostCurve
 from fastdecode.drafters.auto import AutoDrafter
 from fastdecode.drafters.base import StepResult
 from fastdecode.tree import DraftTree
@@ -76,6 +76,14 @@ def test_a_damaged_cost_cache_is_measured_again(tiny_llm, tmp_path, monkeypatch)
         again = CostCurve.cached(tiny_llm.model, "tiny|float32")
         assert list(again.ratios) == list(first.ratios) and again(1) == 1.0
         assert json.loads(cached.read_text())["ratios"]  # written again
+
+
+def test_cost_curve_of_a_short_context_measures_the_sizes_that_fit(tiny_llama_dir) -> None:
+    """max_model_len below the largest size (64 tokens): no cached prefix, the sizes up to it."""
+    from fastdecode import LLM
+
+    curve = CostCurve.measure(LLM(str(tiny_llama_dir), dtype="float32", max_model_len=32).model, repeats=1)
+    assert list(curve.ratios) == [n for n in SIZES if n <= 32] and curve(1) == 1.0
 
 
 def _knee(k: int) -> float:
