@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastdecode.cost import SIZES, CostCurve
-from fastdecode.drafters.auto import AutoDrafter
+from fastdecode.drafters.auto import AutoDrafter, StepCost
 from fastdecode.drafters.base import StepResult
 from fastdecode.tree import DraftTree
 
@@ -57,7 +57,28 @@ def test_observed_acceptance_raises_scores_and_tree_size() -> None:
         auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 10), rows, tree.tokens + [0]))
     assert len(auto.propose([1], budget=8)) > first
     assert member.updates == 30
-    assert auto.rate(("a", 1, 0)) > 0.8
+    assert auto.rate(("a", 1, 0, 1)) > 0.8  # (member, depth, sibling rank, members agreeing)
+
+
+def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on() -> None:
+    """Agreed nodes always accepted, lone ones never: pooled, both would score ~1/2 and a
+    half-priced node would be drafted either way; apart, only an agreed node is."""
+    a, b = Fixed(DraftTree.chain([5])), Fixed(DraftTree.chain([5]))
+    auto = AutoDrafter({"a": a, "b": b}, _linear_cost(0.0))  # free nodes while it learns: every one drafted
+    auto.step_cost.observe = lambda nodes, seconds: None  # the given costs, not this test's timings
+    for step in range(40):
+        b.tree = DraftTree.chain([5 if step % 2 else 7])  # agrees with a every other step
+        tree = auto.propose([1], budget=4)
+        hit = [i for i, token in enumerate(tree.tokens) if token == 5 and b.tree.tokens == [5]]
+        rows = [0] + [i + 1 for i in hit]
+        auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 10), rows, [tree.tokens[i] for i in hit] + [0]))
+    assert auto.rate(("a", 1, 0, 2)) > 0.8 and auto.rate(("a", 1, 0, 1)) < 0.2
+    auto.step_cost = StepCost(_linear_cost(0.4))  # a node now costs 40 % of a step (steps 41, 42: not exploring)
+    auto.step_cost.observe = lambda nodes, seconds: None
+    b.tree = DraftTree.chain([5])
+    assert auto.propose([1], budget=4).tokens == [5]
+    b.tree = DraftTree.chain([7])
+    assert auto.propose([1], budget=4).tokens == []
 
 
 def test_cost_curve_interpolates_and_extrapolates() -> None:

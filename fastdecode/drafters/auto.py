@@ -3,8 +3,13 @@ trie, each node scored by its estimated chance of being accepted, and the tree i
 that maximises expected tokens per unit of forward cost on this machine.
 
 Scores come from observed acceptance, not from the members' own confidence: for every
-(member, depth, sibling rank) we count how often a node whose parent was accepted was itself
-accepted (a Beta prior keeps early estimates modest). A node's score is its parent's score times
+(member, depth, sibling rank, agreement) we count how often a node whose parent was accepted was
+itself accepted (a Beta prior keeps early estimates modest). Agreement is how many members
+proposed the node: it predicts acceptance more than any member does. Sampled (T 0.7, top-p 0.9,
+7 Spec-Bench prompts), the depth-1 first guess of `aded` was accepted 7.5 % of the time when it
+alone proposed it, 34 % with a second member and 100 % (45 of 45) with all three, against the
+49 % a statistic pooled over agreement gave it; pooled, a step's expected accepted tokens were
+2.98 where 1.09 came, with agreement 1.97 and 1.97. A node's score is its parent's score times
 the best conditional rate among the members that proposed it, so scores never grow down a path
 and the top-k nodes always form a tree. The tree keeps the k best nodes maximising
 (1 + sum of scores) / step_cost(k) (the 1 is the bonus token every step yields); k = 0 is plain
@@ -34,6 +39,7 @@ from fastdecode.tree import DraftTree
 BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has seen yet
 PRIOR_WEIGHT = 3.0  # the prior counts as this many trials
 MAX_RANK = 3  # siblings beyond the 3rd share one statistic
+MAX_AGREE = 3  # nodes proposed by 3 or more members share one statistic
 MAX_TRIALS = 5000.0  # counts are rescaled past this, so the rates follow a changing workload
 EXPLORE_EVERY = 8  # every 8th step tries a size next to the best, so StepCost sees them
 EXPLORE_OFFSETS = (-1, 1, -2, 2)  # taken in turn, clipped to the nodes at hand
@@ -113,7 +119,7 @@ class _Node:
     token: int
     parent: int  # merged index, -1 = root
     depth: int
-    keys: list[tuple[str, int, int]] = field(default_factory=list)  # (member, depth, sibling rank)
+    keys: list[tuple[str, int, int, int]] = field(default_factory=list)  # (member, depth, sibling rank, agreement)
     score: float = 0.0
 
 
@@ -121,8 +127,8 @@ class AutoDrafter:
     def __init__(self, members: dict[str, Drafter], cost: Callable[[int], float]) -> None:
         self.members = members
         self.step_cost = StepCost(cost)
-        self.stats: dict[tuple[str, int, int], list[float]] = {}
-        self._rates: dict[tuple[str, int, int], float] = {}  # rate(), until the next update
+        self.stats: dict[tuple[str, int, int, int], list[float]] = {}
+        self._rates: dict[tuple[str, int, int, int], float] = {}  # rate(), until the next update
         self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
         self._steps = 0
@@ -137,14 +143,14 @@ class AutoDrafter:
         for member in self.members.values():
             member.end(output_ids)
 
-    def rate(self, key: tuple[str, int, int]) -> float:
+    def rate(self, key: tuple[str, int, int, int]) -> float:
         """Conditional acceptance of a node given its parent was accepted. The prior of depth d is
         the rate at depth d - 1, so deep nodes of a member that is usually right get tried.
         Memoized until the next update (a step scores ~15 nodes, each through its depths)."""
         rate = self._rates.get(key)
         if rate is None:
-            name, depth, rank = key
-            prior = BASE_RATE if depth <= 1 else self.rate((name, depth - 1, rank))
+            name, depth, rank, agree = key
+            prior = BASE_RATE if depth <= 1 else self.rate((name, depth - 1, rank, agree))
             hits, trials = self.stats.get(key, (0.0, 0.0))
             rate = self._rates[key] = (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
         return rate
@@ -190,8 +196,11 @@ class AutoDrafter:
                     depth = 1 if merged_parent < 0 else nodes[merged_parent].depth + 1
                     idx = index[(merged_parent, token)] = len(nodes)
                     nodes.append(_Node(token, merged_parent, depth))
-                nodes[idx].keys.append((name, nodes[idx].depth, min(rank, MAX_RANK)))
+                nodes[idx].keys.append((name, nodes[idx].depth, min(rank, MAX_RANK), 0))
                 local.append(idx)
+        for node in nodes:  # the agreement is known once every member has proposed
+            agree = min(len({key[0] for key in node.keys}), MAX_AGREE)
+            node.keys = [(name, depth, rank, agree) for name, depth, rank, _ in node.keys]
         return nodes
 
     def _best_size(self, scores: list[float]) -> int:
