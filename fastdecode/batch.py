@@ -222,18 +222,18 @@ class BatchEngine:
             seq.cache.remember(seq.out.prompt_token_ids + seq.out.token_ids)
             self._free_caches.append(seq.cache)
 
-    def draft_budget(self, running: int) -> int:
-        """Draft nodes per request when `running` requests share a step: the LLM's budget split
-        between them. Alone, a draft node rides on a forward that reads all the weights anyway;
-        in a batch the rows already keep the matmuls busy, so each node costs nearly a full row
-        (int4, 8 requests: 1 row each 24.6 ms, 4 rows each 89 ms) for well under one token."""
-        return self.llm.draft_budget // max(running, 1)
+    def draft_budget(self, running: int, method: str) -> int:
+        """Draft nodes per request of `method` when `running` requests share a step: the LLM's
+        budget for the method split between them. Alone, a draft node rides on a forward that reads
+        all the weights anyway; in a batch the rows already keep the matmuls busy, so each node
+        costs nearly a full row (int4, 8 requests: 1 row each 24.6 ms, 4 rows each 89 ms) for well
+        under one token."""
+        return self.llm.budget(method) // max(running, 1)
 
     def _step(self) -> None:
         segments: list[Segment] = []
         plans: list[tuple[_Running, int, DraftTree] | None] = []  # None: a prefill chunk
         finished: list[_Running] = []
-        budget = self.draft_budget(len(self._running))
         for seq in self._running:
             if not seq.prefilled:
                 segments.append(prefill_segment(seq.out.prompt_token_ids, seq.cache, self.prefill_chunk))
@@ -244,7 +244,7 @@ class BatchEngine:
                 seq.tracker.finish("length")
                 finished.append(seq)
                 continue
-            tree = propose(seq.drafter, seq.out, budget, room)
+            tree = propose(seq.drafter, seq.out, self.draft_budget(len(self._running), seq.request.method), room)
             root = seq.out.token_ids[-1]
             segments.append(tree_segment(root, tree, seq.cache))
             plans.append((seq, root, tree))

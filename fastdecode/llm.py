@@ -28,6 +28,11 @@ from fastdecode.weights import cache_root, default_model_path, file_key, load_ch
 # weight storage: bf16 / fp32 matrices, or ggml-style blocks (see quant.py); activations are fp32 in all
 DTYPES = tuple(MATRIX_DTYPES)
 DEFAULT_MAX_MODEL_LEN = 8192
+# generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
+# fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-greedy-final and
+# avx512-bf16-sampled-final), and lossless like every method
+DEFAULT_METHOD = "auto"
+
 # draft nodes a step at most. With the bf16 weights prefetched into L2, a tree of up to ~6 nodes
 # costs little more than a one-token step on the AVX512-BF16 EPYC and each node past that ~8 %
 # more: interleaved in one process (28 Spec-Bench prompts, greedy), `auto` at 6 nodes 2.58x / 2.50x
@@ -39,18 +44,24 @@ DEFAULT_DRAFT_BUDGET = 6
 # 29 prompts interleaved) and its tau higher at 10-12 (3.36-3.45 against 2.88, 21 prompts): 12
 # for the tau at the same speed (README, "bf16 on the AMX machine")
 AMX_DRAFT_BUDGET = 12
+# `auto` there: since its acceptance statistics are kept apart by how many members agree on a
+# node, its expected tokens a step match the tokens that come (1.97 against 1.97, sampled), so a
+# larger budget only offers it nodes it can weigh. Interleaved A/B, 21 Spec-Bench prompts, 256
+# tokens, 24 nodes (and deeper `suffix` chains, drafters.AUTO_MEMBER_OPTIONS) against 12: greedy
+# 201.6 against 192.2 decode tok/s, sampled (T 0.7, top-p 0.9) 142.4 against 138.3. The single
+# drafters are slower at 24 (aded 134.3 against 151.8, recycling 106.1 against 125.9; suffix the
+# same): they keep AMX_DRAFT_BUDGET
+AMX_AUTO_DRAFT_BUDGET = 24
 
 
-def default_draft_budget(dtype: str) -> int:
-    """The draft budget LLM takes when none is given: AMX_DRAFT_BUDGET for bf16 models on CPUs with
-    AMX-BF16 (their matrices run on the tile unit), else DEFAULT_DRAFT_BUDGET."""
-    return AMX_DRAFT_BUDGET if dtype == "bfloat16" and amx_bf16() else DEFAULT_DRAFT_BUDGET
+def default_draft_budget(dtype: str, method: str = DEFAULT_METHOD) -> int:
+    """The draft budget LLM takes for `method` when none is given: on CPUs with AMX-BF16 for bf16
+    models (their matrices run on the tile unit) AMX_AUTO_DRAFT_BUDGET for `auto` and
+    AMX_DRAFT_BUDGET for the rest, else DEFAULT_DRAFT_BUDGET."""
+    if dtype == "bfloat16" and amx_bf16():
+        return AMX_AUTO_DRAFT_BUDGET if method == "auto" else AMX_DRAFT_BUDGET
+    return DEFAULT_DRAFT_BUDGET
 
-
-# generate / chat / stream, the CLI and the server decode with `auto` unless told otherwise: the
-# fastest method of `fastdecode bench` greedy and sampled (docs/bench/avx512-bf16-greedy-final and
-# avx512-bf16-sampled-final), and lossless like every method
-DEFAULT_METHOD = "auto"
 
 Message = dict[str, str]
 
@@ -62,7 +73,7 @@ class LLM:
         dtype: str = "bfloat16",
         threads: int | None = None,
         max_model_len: int | None = None,
-        draft_budget: int | None = None,  # None: default_draft_budget(dtype)
+        draft_budget: int | None = None,  # None: default_draft_budget(dtype, method) per method
         draft_model: str | None = None,
         prefix_cache: bool = True,
         draft_head: str | None = None,
@@ -74,9 +85,7 @@ class LLM:
             if not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads={threads!r} must be an integer >= 1")
             torch.set_num_threads(threads)
-        if draft_budget is None:
-            draft_budget = default_draft_budget(dtype)
-        if not isinstance(draft_budget, int) or draft_budget < 0:
+        if draft_budget is not None and (not isinstance(draft_budget, int) or draft_budget < 0):
             raise ValueError(f"draft_budget={draft_budget!r} must be an integer >= 0")
         self.model_path = model or default_model_path()
         blocks: dict[str, Blocks] | None = {} if dtype in QUANT_DTYPES else None
@@ -88,7 +97,7 @@ class LLM:
         self.dtype = dtype
         self.model = build_model(self.config, state, dtype, max_len, blocks)
         del state, blocks
-        self.draft_budget = draft_budget
+        self.draft_budget = draft_budget  # None: each method's default (budget())
         self.eos_ids = sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer))
         # a prompt that starts like the last one (a chat's next turn, a shared system prompt) reuses its
         # cached K/V; only where that is bit-exact (Transformer.exact_rows), so outputs never change
@@ -222,6 +231,10 @@ class LLM:
             self._draft_head = load_head(self.draft_head_path, self.model, dtype)
         return self._draft_head
 
+    def budget(self, method: str) -> int:
+        """Draft nodes a step at most for `method`: the LLM's draft_budget, or the method's default."""
+        return default_draft_budget(self.dtype, method) if self.draft_budget is None else self.draft_budget
+
     def forward_cost(self, n: int) -> float:
         """Measured time of an n-token forward over a 1-token one (measured on first use, cached on disk)."""
         if self._cost_curve is None:
@@ -237,7 +250,7 @@ class LLM:
             text, ids = self.tokenizer.decode(prompt), list(prompt)
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
-        return self.engine.run(text, ids, params, drafter, self.draft_budget)
+        return self.engine.run(text, ids, params, drafter, self.budget(method))
 
     def _run_to_end(self, prompt: str | list[int], params: SamplingParams | None, method: str) -> RequestOutput:
         out = None

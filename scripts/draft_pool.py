@@ -95,12 +95,12 @@ def main() -> None:
     for prompt in chosen:
         ids = llm.apply_chat_template([{"role": "user", "content": prompt.turns[0]}])
         auto.steps = []
-        for out, _ in llm.engine.run("", ids, params, auto, llm.draft_budget):
+        for out, _ in llm.engine.run("", ids, params, auto, llm.budget("auto")):
             pass
         tokens, steps = tokens + out.metrics.tokens - 1, steps + out.metrics.steps
         k, o = replay(auto.steps, ids + out.token_ids, budgets)
         kept, oracle, recorded = [a + b for a, b in zip(kept, k)], oracle + o, recorded + len(auto.steps)
-    print(f"{len(chosen)} prompts, {steps} steps, member budget {args.member_budget or llm.draft_budget}, "
+    print(f"{len(chosen)} prompts, {steps} steps, member budget {args.member_budget or llm.budget('auto')}, "
           f"temperature {args.temperature}: measured tau {tokens / steps:.3f}")
     print("  replayed tau, kept K: " + ", ".join(f"K={k} {v / recorded:.3f}" for k, v in zip(budgets, kept)))
     print(f"  oracle tau of the pool: {oracle / recorded:.3f}")

@@ -1,6 +1,7 @@
 """The auto hybrid: merges member trees into one valid tree, sized by expected tokens per unit cost."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastdecode.cost import SIZES, CostCurve
@@ -161,3 +162,34 @@ def test_auto_explores_sizes_beside_the_best_and_shrinks_to_the_knee() -> None:
     assert sizes[0] == 8 and len(set(sizes[:40])) >= 3  # a full tree first, and sizes beside the best
     # deep nodes are seldom right; free, they would still be drafted, but past the knee they do not pay
     assert sorted(sizes[-48:])[24] <= 5, sizes[-48:]
+
+
+def test_draft_budget_defaults_per_method_unless_given(tiny_llama_dir, monkeypatch) -> None:
+    """On AMX, bf16: `auto` (which weighs each node by measured acceptance) 24 nodes, the single
+    drafters 12; elsewhere 6 for all; a budget given to LLM holds for every method."""
+    from fastdecode import LLM, llm as llm_module
+
+    monkeypatch.setattr(llm_module, "amx_bf16", lambda: True)
+    assert [llm_module.default_draft_budget("bfloat16", m) for m in ("auto", "suffix", "aded")] == [24, 12, 12]
+    assert llm_module.default_draft_budget("float32", "auto") == 6
+    monkeypatch.setattr(llm_module, "amx_bf16", lambda: False)
+    assert llm_module.default_draft_budget("bfloat16", "auto") == 6
+    given = LLM(str(tiny_llama_dir), dtype="float32", draft_budget=5)
+    assert given.budget("auto") == given.budget("pld") == 5
+    with pytest.raises(ValueError, match="draft_budget=-1"):
+        LLM(str(tiny_llama_dir), dtype="float32", draft_budget=-1)
+
+
+def test_auto_suffix_member_offers_longer_copies_than_suffix_alone(tiny_llm) -> None:
+    """A passage seen before: `suffix` alone stops its chain at 11 tokens (0.9 a token, nodes
+    scored below 0.3 dropped), `auto`'s suffix member at 21 (below 0.1)."""
+    passage = list(range(100, 140))
+    context = [7, 8] + passage + [9] + passage[:20]
+    depths = {}
+    alone, member = tiny_llm.new_drafter("suffix"), tiny_llm.new_drafter("auto").members["suffix"]
+    for name, drafter in (("alone", alone), ("member", member)):
+        drafter.begin(context)
+        tree = drafter.propose(context, 40)
+        assert tree.paths() == [(passage[20:] + [9] + passage)[: len(tree)]]  # one chain: what followed
+        depths[name] = len(tree)
+    assert depths == {"alone": 11, "member": 21}

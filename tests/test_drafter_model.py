@@ -46,7 +46,7 @@ def test_a_draft_over_every_layer_is_always_accepted_and_leaves_the_cache_as_it_
         tiny_llm._drafters.clear()
         tiny_llm._drafters.update(saved)
     assert out.token_ids == want
-    per_step = tiny_llm.draft_budget + 1  # every draft accepted, plus the bonus token
+    per_step = tiny_llm.budget("layerskip") + 1  # every draft accepted, plus the bonus token
     assert out.metrics.steps == -(-(len(want) - 1) // per_step)  # the first token comes from the prefill
 
     cache = tiny_llm.model.new_cache()

@@ -121,6 +121,14 @@ def run_interleaved(
     return records
 
 
+def draft_budget_info(llm: LLM) -> str | int:
+    """The LLM's draft budget, or its per-method defaults when it was given none."""
+    if llm.draft_budget is not None:
+        return llm.draft_budget
+    auto, rest = llm.budget("auto"), llm.budget("pld")
+    return rest if auto == rest else f"{auto} for auto, {rest} for the others"
+
+
 def machine_info(llm: LLM, threads: int) -> dict[str, Any]:
     """What a reader needs to reproduce or compare the numbers."""
     return {
@@ -128,7 +136,7 @@ def machine_info(llm: LLM, threads: int) -> dict[str, Any]:
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": _version("transformers"), "llama_cpp_python": _version("llama-cpp-python"),
         "threads": threads, "dtype": llm.dtype, "bf16_kernel": bf16_kernel(),
-        "draft_budget": llm.draft_budget, "model": llm.model_path, "git_commit": _git_commit(),
+        "draft_budget": draft_budget_info(llm), "model": llm.model_path, "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
