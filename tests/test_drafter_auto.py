@@ -132,6 +132,18 @@ def test_step_cost_learns_a_knee_the_prior_lacks_despite_context_drift() -> None
         assert abs(learned[k] / learned[4] - _knee(k)) < 0.04, (k, learned)
 
 
+def test_step_cost_refits_every_few_pairs() -> None:
+    from fastdecode.drafters.auto import StepCost
+
+    cost = StepCost(lambda n: 1.0)
+    assert cost.costs(8) == [1.0] * 9
+    for i in range(StepCost.REFIT_EVERY):  # 8 steps: 7 pairs, each 8 nodes twice the time of 2
+        cost.observe(8 if i % 2 else 2, 0.02 if i % 2 else 0.01)
+    assert cost.costs(8) == [1.0] * 9  # the last fit stands
+    cost.observe(2, 0.01)  # the 8th pair
+    assert cost.costs(8)[8] > 1.5
+
+
 def test_step_cost_never_pairs_steps_of_different_requests() -> None:
     from fastdecode.drafters.auto import StepCost
 
