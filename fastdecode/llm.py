@@ -42,7 +42,7 @@ DEFAULT_DRAFT_BUDGET = 6
 # most weighted sums of attention on it too): a 16-token forward over 512 cached tokens costs
 # 1.24x a one-token one, not 2.52x. `auto` was as fast at budgets 6-16 there (2.20-2.24x our AR,
 # 29 prompts interleaved) and its tau higher at 10-12 (3.36-3.45 against 2.88, 21 prompts): 12
-# for the tau at the same speed (README, "bf16 on the AMX machine")
+# for the tau at the same speed (README, "bf16 on the AMX machine"). Now the single drafters'
 AMX_DRAFT_BUDGET = 12
 # `auto` there: since its acceptance statistics are kept apart by how many members agree on a
 # node, its expected tokens a step match the tokens that come (1.97 against 1.97, sampled), so a

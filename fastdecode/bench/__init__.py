@@ -67,7 +67,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datastore", default=None,
                         help="a corpus for 'suffix' and 'auto' to draft from (.jsonl of text or ids rows, or text)")
     parser.add_argument("--draft-budget", type=int, default=None,
-                        help="most draft nodes a step verifies, every method (default: fastdecode.llm.default_draft_budget per method)")
+                        help="most draft nodes a step verifies, for every method "
+                             "(default: fastdecode.llm.default_draft_budget, per method)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0 samples (our methods only: use --peers none); every method gets the same seed")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -38,12 +38,13 @@ METHODS: dict[str, Callable[[DrafterEnv], Drafter]] = {
 # 280.3 decode tok/s over 28 Spec-Bench prompts, tau 2.61 vs 2.63 and 277.0 vs 273.5 over 42; the
 # time of its proposals (~0.07 ms a step) is saved.
 AUTO_MEMBERS = ("suffix", "aded", "recycling")
-# Members built otherwise inside `auto` than alone. `suffix` alone drafts nodes it rates >= 0.3 (its
-# match confidence tops out at 0.9 a token, so its chains stop at 11 deep); `auto` weighs every node
-# by measured acceptance, so its suffix member offers nodes down to 0.1 (21 deep at 0.9 a token;
-# 32 at most), which long copies accept whole. Interleaved A/B (greedy, budget 24, 21 Spec-Bench prompts, 256 tokens):
-# 197.4 decode tok/s, tau 3.52, against 183.0, tau 3.29 with the member as `suffix` alone; 0.05
-# and 48 deep: tau 3.61 but 192.0 (larger trees, more Python a step).
+# Members built otherwise inside `auto` than alone. `suffix` alone drafts nodes it rates >= 0.3
+# (its match confidence tops out at 0.9 a token, so its chains stop at 11 deep); `auto` weighs
+# every node by measured acceptance, so its suffix member offers nodes down to 0.1 (21 deep at 0.9
+# a token; 32 at most), which long copies accept whole. Interleaved A/B (greedy, budget 24, 21
+# Spec-Bench prompts, 256 tokens): 197.4 decode tok/s, tau 3.52, against 183.0, tau 3.29 with the
+# member as `suffix` alone; down to 0.05 and 48 deep: tau 3.61 but 192.0 (larger trees, more
+# Python a step).
 AUTO_MEMBER_OPTIONS: dict[str, Callable[[DrafterEnv], Drafter]] = {
     "suffix": lambda env: SuffixDrafter(min_score=0.1, max_draft_depth=32, datastore=env.datastore()),
 }
