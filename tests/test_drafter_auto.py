@@ -117,8 +117,6 @@ def test_step_cost_learns_a_knee_the_prior_lacks_despite_context_drift() -> None
     import math
     import random
 
-    from fastdecode.drafters.auto import StepCost
-
     cost = StepCost(lambda n: 1.0)  # the prior: every size costs the same
     assert cost.costs(8) == [1.0] * 9
     rng, context = random.Random(0), 1.0
@@ -133,8 +131,6 @@ def test_step_cost_learns_a_knee_the_prior_lacks_despite_context_drift() -> None
 
 
 def test_step_cost_refits_every_few_pairs() -> None:
-    from fastdecode.drafters.auto import StepCost
-
     cost = StepCost(lambda n: 1.0)
     assert cost.costs(8) == [1.0] * 9
     for i in range(StepCost.REFIT_EVERY):  # 8 steps: 7 pairs, each 8 nodes twice the time of 2
@@ -145,8 +141,6 @@ def test_step_cost_refits_every_few_pairs() -> None:
 
 
 def test_step_cost_never_pairs_steps_of_different_requests() -> None:
-    from fastdecode.drafters.auto import StepCost
-
     cost = StepCost(lambda n: 1.0)
     for seconds in (0.01, 0.02, 0.04):  # each request one step of 8 nodes, then a long one of 2
         cost.new_request()
