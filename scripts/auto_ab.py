@@ -1,0 +1,89 @@
+"""Interleaved A/B of drafter settings: each arm is its own drafter (one `LLM`), the arms take turns
+on every prompt (order alternating), every arm's tokens must equal the first arm's, and decode
+tokens/s, tau and the step time are printed per arm and per category.
+
+An arm is `key=value` pairs joined by `;`: method (default auto), budget (default LLM.budget),
+suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), refit
+(StepCost.REFIT_EVERY of auto). For example, the A/B behind the AMX budget of `auto`:
+
+    python scripts/auto_ab.py --limit 3 "budget=12" "budget=24;suffix_min_score=0.1;suffix_depth=32"
+    python scripts/auto_ab.py --limit 3 --temperature 0.7 --top-p 0.9 "budget=12" "budget=24"
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+from fastdecode import LLM, SamplingParams
+from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+from fastdecode.drafters.suffix import SuffixTrie
+
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit")
+
+
+def parse_arm(text: str) -> dict[str, str]:
+    arm = dict(part.split("=", 1) for part in text.split(";") if part)
+    unknown = sorted(set(arm) - set(KEYS))
+    if unknown:
+        raise SystemExit(f"unknown arm settings {unknown} in {text!r}; allowed: {', '.join(KEYS)}")
+    return arm
+
+
+def build(llm: LLM, arm: dict[str, str]):
+    method = arm.get("method", "auto")
+    drafter = llm.new_drafter(method)
+    suffix = drafter.members.get("suffix") if method == "auto" else drafter if method == "suffix" else None
+    if suffix is not None:
+        if "suffix_min_score" in arm:
+            suffix.min_score = float(arm["suffix_min_score"])
+        if "suffix_depth" in arm:  # the tries hold the longest pattern plus the deepest draft
+            suffix.max_draft_depth = int(arm["suffix_depth"])
+            suffix.max_depth = suffix.max_pattern + suffix.max_draft_depth
+            suffix.global_trie = SuffixTrie(suffix.max_depth)
+    if "refit" in arm:
+        if method != "auto":
+            raise SystemExit(f"refit is auto's setting, not {method!r}'s")
+        drafter.step_cost.REFIT_EVERY = int(arm["refit"])
+    return method, drafter, int(arm.get("budget", llm.budget(method)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("arms", nargs="+")
+    ap.add_argument("--limit", type=int, default=3, help="prompts per category")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default=DEFAULT_SPEC_BENCH)
+    ap.add_argument("--humaneval", default=DEFAULT_HUMANEVAL)
+    args = ap.parse_args()
+    llm = LLM(threads=args.threads)
+    arms = [(text, *build(llm, parse_arm(text))) for text in args.arms]
+    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.limit)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
+    stats = {text: defaultdict(lambda: [0.0, 0, 0]) for text, *_ in arms}  # category: seconds, tokens, steps
+    for i, prompt in enumerate(prompts):
+        first = None
+        for text, method, drafter, budget in arms if i % 2 == 0 else arms[::-1]:
+            llm._drafters[method], llm.draft_budget = drafter, budget
+            conversation, tokens = [], []
+            for turn in prompt.turns:
+                conversation.append({"role": "user", "content": turn})
+                out = llm.chat([conversation], params, method=method)[0]
+                conversation.append({"role": "assistant", "content": out.text})
+                tokens.append(out.token_ids)
+                s = stats[text][prompt.category]
+                s[0], s[1], s[2] = s[0] + out.metrics.decode_s, s[1] + out.metrics.tokens - 1, s[2] + out.metrics.steps
+            first = first or tokens
+            if tokens != first:
+                raise SystemExit(f"arm {text!r} differs from the others on prompt {prompt.prompt_id}")
+    for text, *_ in arms:
+        cats = stats[text]
+        seconds, tokens, steps = (sum(c[j] for c in cats.values()) for j in range(3))
+        per = " ".join(f"{k[:5]} {c[1] / c[0]:.0f}/{c[1] / c[2]:.2f}" for k, c in cats.items())
+        print(f"{text:50s} tok/s {tokens / seconds:6.1f} tau {tokens / steps:.2f} step {seconds / steps * 1e3:.2f} ms | {per}")
+
+
+if __name__ == "__main__":
+    main()
