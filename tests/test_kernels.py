@@ -387,6 +387,21 @@ def test_rms_norm_and_silu_mul_match_torch() -> None:
         ops.silu_mul(torch.randn(2, 7))
 
 
+def test_silu_mul_split_over_threads_gives_each_row_its_own_bits() -> None:
+    """From 8,192 elements silu_mul splits rows into column ranges over the threads: every row must
+    still get exactly the bits it gets alone (the serial path), tails of 8 lanes and scalars included."""
+    ops = kernels.layer_ops()
+    g = torch.Generator().manual_seed(4)
+    for rows, inter in ((11, 1536), (25, 1001), (6, 1500)):
+        gate, up = torch.randn(rows, inter, generator=g) * 4, torch.randn(rows, inter, generator=g)
+        gate[0, :3] = torch.tensor([-100.0, 0.0, 90.0])
+        got = ops.silu_mul(torch.cat([gate, up], 1))
+        assert rows * inter >= 8192  # the split path
+        for r in range(rows):
+            assert torch.equal(got[r], ops.silu_mul(torch.cat([gate[r : r + 1], up[r : r + 1]], 1))[0])
+        torch.testing.assert_close(got, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int4", "float32"])
 def test_fused_layer_equals_its_pieces(dtype: str) -> None:
     """`layer` is exactly rms_norm -> qkv -> attention -> o -> residual -> rms_norm -> gate_up ->

@@ -172,7 +172,7 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
   if (bf16) {
     uint16_t* Kb = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()) + offset;
     uint16_t* Vb = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()) + offset;
-    write_entries(src, width, r, Kb, Vb, head_stride, n, length, heads, kv_heads, hd);
+    write_entries_bf16(src, width, r, Kb, Vb, head_stride, n, length, heads, kv_heads, hd);
     attention_512(src, width, r, Kb, Vb, head_stride, m, o, n, length, heads, kv_heads, hd);
     return out;
   }

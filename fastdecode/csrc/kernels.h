@@ -48,6 +48,11 @@ void attention_512(const float* qkv, int64_t width, const float* rot, const T* K
                    const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
                    int64_t hd);
 
+// The K/V entries of n new tokens into a bf16 cache (one layer; K, V at its KV head 0), keys
+// rotated by RoPE, both rounded to bf16 (nearest even), in key_offset / value_offset's layouts:
+// the vector form of attention.cpp's write_entries, for CPUs with AVX512-BF16 (attention_512.cpp).
+void write_entries_bf16(const float* qkv, int64_t width, const float* rot, uint16_t* K, uint16_t* V,
+                        int64_t head_stride, int64_t n, int64_t length, int64_t heads, int64_t kv_heads, int64_t hd);
 // A bf16 cache's keys (one layer, one KV head) lie in blocks of kKeyBlock slots, feature pairs
 // outermost: a block holds, for each pair (2w, 2w + 1), those two bf16 of its 16 slots side by
 // side (64 bytes: one vector). A vdpbf16ps of that vector with a query's pair broadcast adds the
