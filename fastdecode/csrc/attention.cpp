@@ -26,7 +26,6 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -89,40 +88,17 @@ inline void weighted_sum64(const float* p, int64_t j0, int64_t j1, float inv, co
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
-inline void put(float x, float* dst) { *dst = x; }
-inline void put(float x, uint16_t* dst) {  // bf16, rounded to nearest even
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  *dst = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 // The new keys (rotated) and values into the pending slots [length, length + n) of one layer's
-// cache, K and V at its first head (T = float, or uint16_t for a bf16 cache).
-template <typename T>
-void write_entries(const float* src, int64_t width, const float* rot, T* K, T* V, int64_t head_stride, int64_t n,
-                   int64_t length, int64_t heads, int64_t kv_heads, int64_t hd) {
-  std::vector<float> k(hd);
+// fp32 cache, K and V at its first head. (A bf16 cache's writes are write_entries_bf16, in
+// attention_512.cpp: such caches only run on the AVX512-BF16 core.)
+void write_entries(const float* src, int64_t width, const float* rot, float* K, float* V, int64_t head_stride,
+                   int64_t n, int64_t length, int64_t heads, int64_t kv_heads, int64_t hd) {
   for (int64_t t = 0; t < n; ++t) {
     const float* row = src + t * width;
+    const int64_t slot = length + t;
     for (int64_t g = 0; g < kv_heads; ++g) {
-      fastdecode::rope(row + (heads + g) * hd, rot + t * hd, k.data(), hd);
-      const float* v = row + (heads + kv_heads + g) * hd;
-      const int64_t slot = length + t;
-      if constexpr (std::is_same_v<T, uint16_t>) {  // keys in 16-slot blocks, values in slot pairs (kernels.h)
-        T* kg = K + g * head_stride;
-        T* vg = V + g * head_stride;
-        for (int64_t i = 0; i < hd; ++i) {
-          put(k[i], kg + fastdecode::key_offset(slot, i, hd));
-          put(v[i], vg + fastdecode::value_offset(slot, i, hd));
-        }
-      } else {
-        T* kd = K + g * head_stride + slot * hd;
-        T* vd = V + g * head_stride + slot * hd;
-        for (int64_t i = 0; i < hd; ++i) {
-          put(k[i], kd + i);
-          put(v[i], vd + i);
-        }
-      }
+      fastdecode::rope(row + (heads + g) * hd, rot + t * hd, K + g * head_stride + slot * hd, hd);
+      std::memcpy(V + g * head_stride + slot * hd, row + (heads + kv_heads + g) * hd, hd * sizeof(float));
     }
   }
 }

@@ -632,9 +632,9 @@ void attention_512(const float* qkv, int64_t width, const float* rot, const T* K
 }
 
 // Per token and KV head: the key rotated (rope), then 16 features at a time rounded by
-// vcvtneps2bf16 (nearest even, as attention.cpp's put) and stored: a key's 8 feature pairs go to
+// vcvtneps2bf16 (nearest even, as torch's .to(bfloat16)) and stored: a key's 8 feature pairs go to
 // 8 words 16 words apart (one scatter), a value's 16 features to every other bf16 of a slot pair
-// (one masked store). The scalar writes (put and its offset arithmetic per element) ran on one
+// (one masked store). The scalar writes (a rounding and its offset arithmetic per element) ran on one
 // thread while the other waited; with these the 30 layers' attention of 11 tree tokens over 512
 // cached went 2.16-2.27 -> 2.04-2.06 ms (scripts/forward_cost.py --attention, old and new builds
 // alternated, two runs each).

@@ -20,9 +20,8 @@
 #include <cstdint>
 #include <vector>
 
-#include <ATen/Parallel.h>
-
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
