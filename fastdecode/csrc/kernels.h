@@ -50,7 +50,8 @@ void attention_512(const float* qkv, int64_t width, const float* rot, const T* K
 
 // The K/V entries of n new tokens into a bf16 cache (one layer; K, V at its KV head 0), keys
 // rotated by RoPE, both rounded to bf16 (nearest even), in key_offset / value_offset's layouts:
-// the vector form of attention.cpp's write_entries, for CPUs with AVX512-BF16 (attention_512.cpp).
+// the bf16 counterpart of attention.cpp's write_entries (which writes fp32 caches), for CPUs with
+// AVX512-BF16 (attention_512.cpp).
 void write_entries_bf16(const float* qkv, int64_t width, const float* rot, uint16_t* K, uint16_t* V,
                         int64_t head_stride, int64_t n, int64_t length, int64_t heads, int64_t kv_heads, int64_t hd);
 // A bf16 cache's keys (one layer, one KV head) lie in blocks of kKeyBlock slots, feature pairs
