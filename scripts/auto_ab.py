@@ -47,21 +47,32 @@ def build(llm: LLM, arm: dict[str, str]):
     return method, drafter, int(arm.get("budget", llm.budget(method)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("arms", nargs="+")
-    ap.add_argument("--limit", type=int, default=3, help="prompts per category")
+def add_run_arguments(ap: argparse.ArgumentParser, limit: int) -> None:
+    """The prompt set and sampling options this script shares with draft_coverage.py."""
+    ap.add_argument("--limit", type=int, default=limit, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=DEFAULT_SPEC_BENCH)
     ap.add_argument("--humaneval", default=DEFAULT_HUMANEVAL)
+
+
+def prompts_and_params(args: argparse.Namespace) -> tuple[list, SamplingParams]:
+    """The first --limit Spec-Bench prompts per category (plus HumanEval) and the sampling settings, seed 0."""
+    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.limit)
+    return prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("arms", nargs="+")
+    add_run_arguments(ap, limit=3)
     args = ap.parse_args()
     llm = LLM(threads=args.threads)
     arms = [(text, *build(llm, parse_arm(text))) for text in args.arms]
-    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.limit)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
+    prompts, params = prompts_and_params(args)
     stats = {text: defaultdict(lambda: [0.0, 0, 0]) for text, *_ in arms}  # category: seconds, tokens, steps
     for i, prompt in enumerate(prompts):
         first = None
