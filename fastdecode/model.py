@@ -7,7 +7,9 @@ matmuls per layer rather than many small ones.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -451,7 +453,53 @@ def build_model(
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
     elif dtype == "bfloat16" and amx_bf16():
         _pack_linears_amx(model)
+    _into_huge_pages(model)
     return model.eval()
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+def _into_huge_pages(model: nn.Module) -> None:
+    """Move every parameter and buffer into one anonymous mapping advised for transparent huge
+    pages (`madvise(MADV_HUGEPAGE)`; Linux grants them where THP is `always` or `madvise`, the
+    usual default). Each forward streams all the weights (~320 MB for SmolLM2 in bf16): on 4 KB
+    pages that is ~80,000 TLB misses a forward, on 2 MB pages ~160. Alternated in one process on
+    the AMX Xeon (2 threads, 512 cached): a one-token forward 14.3 -> 13.2-13.7 ms, 11 tokens
+    16.5-16.9 -> 16.0-16.2 ms. Storages shared by several tensors stay shared (same offsets and
+    strides); nothing happens where the platform has no MADV_HUGEPAGE."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    named = [(module, kind, name, t, t.untyped_storage()) for module in model.modules()
+             for kind, table in (("param", module._parameters), ("buffer", module._buffers))
+             for name, t in table.items() if t is not None and t.device.type == "cpu"]
+    offsets: dict[int, int] = {}  # storage address -> its offset in the arena
+    total = 0
+    for *_, storage in named:
+        if storage.data_ptr() not in offsets:
+            offsets[storage.data_ptr()] = total
+            total += -(-storage.nbytes() // 64) * 64
+    if total == 0:
+        return
+    size = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a huge page boundary
+    arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(arena)) % HUGE_PAGE
+    arena.madvise(mmap.MADV_HUGEPAGE, start, size - start)
+    raw = torch.frombuffer(arena, dtype=torch.uint8)[start:]  # the tensors keep the mapping alive
+    moved: dict[int, torch.Tensor] = {}  # storage address -> its bytes in the arena
+    new_of: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy (a tied one is listed under two modules)
+    for module, kind, name, t, storage in named:
+        key = storage.data_ptr()
+        if key not in moved:
+            moved[key] = raw[offsets[key] : offsets[key] + storage.nbytes()]
+            moved[key].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        if id(t) not in new_of:
+            flat = moved[key].view(t.dtype)  # as_strided's offset counts from the arena's start
+            new_of[id(t)] = flat.as_strided(t.shape, t.stride(), flat.storage_offset() + t.storage_offset())
+            if kind == "param":
+                t.data = new_of[id(t)]  # the same Parameter object: tied weights stay one object
+        if kind == "buffer":
+            module._buffers[name] = new_of[id(t)]
 
 
 def _pack_linears_amx(model: Transformer) -> None:

@@ -140,3 +140,34 @@ def test_blocked_bf16_keys_keep_and_write_like_rows(native: bool, monkeypatch: p
     assert torch.equal(blocked_keys(block), caches[1].k[:, :, :16]) and torch.equal(key_rows(blocked_keys(block)), block)
     values = caches[1].values()[:, :, :16]
     assert torch.equal(paired_values(values), caches[1].v[:, :, :16]) and torch.equal(value_rows(paired_values(values)), values)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int4"])
+def test_build_model_moves_every_weight_into_one_huge_page_mapping(
+    tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_model copies the parameters and buffers into one mapping advised for transparent
+    huge pages, starting on a 2 MB boundary: the same values, shapes and strides as the model
+    built without it, a tied LM head still the embedding's own Parameter, and the same logits."""
+    import fastdecode.model as model_mod
+
+    folder = make_tiny_model(tmp_path / "m", "llama", tie_word_embeddings=True)
+    cfg, state, _ = load_checkpoint(str(folder))
+    model = build_model(cfg, state, dtype, max_len=64)
+    with monkeypatch.context() as m:
+        m.setattr(model_mod, "_into_huge_pages", lambda model: None)
+        plain = build_model(cfg, state, dtype, max_len=64)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    reference = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    assert tensors.keys() == reference.keys() and len(tensors) > 5
+    for name, t in tensors.items():
+        want = reference[name]
+        assert t.dtype == want.dtype and t.shape == want.shape and t.stride() == want.stride(), name
+        assert torch.equal(t, want), name
+    starts = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    assert len(starts) == 1  # one mapping
+    assert starts.pop() % model_mod.HUGE_PAGE == 0
+    if dtype == "float32":  # tied and not repacked: one Parameter
+        assert model.lm_head.weight is model.embed.weight
+    ids = torch.tensor([3, 17, 5, 99, 42])
+    assert torch.equal(model(ids, torch.arange(5), model.new_cache()), plain(ids, torch.arange(5), plain.new_cache()))

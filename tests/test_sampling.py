@@ -247,6 +247,30 @@ def test_native_draw_from_logits_equals_probs_then_race(monkeypatch: pytest.Monk
     assert len({t for t, _ in native}) > 20  # the cases do draw varied tokens
 
 
+def test_native_draw_is_the_same_on_any_number_of_threads() -> None:
+    """sample_row splits a row into fixed parts (their sums added in order) and runs them on the
+    threads there are: one thread and two give the same token and the same probability, bit for
+    bit, on SmolLM2-sized rows and on rows whose width is not a multiple of the parts' 8 lanes."""
+    from fastdecode import kernels
+
+    if kernels.sample_row_op() is None:
+        pytest.skip("the kernels are not built on this machine")
+    op = kernels.sample_row_op()
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randn(v, generator=gen) * scale for v in (49152, 49157, 1003, 37) for scale in (1.0, 4.0, 12.0)]
+    settings = [(0.7, 0, 0.9, 0.0), (1.0, 0, 0.95, 0.05), (0.8, 40, 0.9, 0.0), (1.5, 0, 1.0, 0.0)]
+    before = torch.get_num_threads()
+    draws = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            draws[threads] = [op(row, t, k, p, mp, 1e-4, 11, i) for i, row in enumerate(rows) for t, k, p, mp in settings]
+    finally:
+        torch.set_num_threads(before)
+    assert draws[1] == draws[2]
+    assert len({token for token, _ in draws[1]}) > 10
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_race_order_over_the_whole_distribution_starts_with_the_samplers_pick(
     native: bool, monkeypatch: pytest.MonkeyPatch
