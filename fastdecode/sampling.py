@@ -219,10 +219,13 @@ class Sampler:
         return self.params.greedy and not self.params.has_penalties
 
     def accept(self, token: int) -> None:
-        """Record an emitted token (penalties of later positions depend on it)."""
+        """Record an emitted token (penalties of later positions depend on it; without penalties
+        only the output index moves: numpy's scalar updates cost ~20 us each right after a
+        forward, which has pushed their code and data out of the caches)."""
         self.count += 1
-        self.output_counts[token] += 1
-        self.seen[token] = True
+        if self.params.has_penalties:
+            self.output_counts[token] += 1
+            self.seen[token] = True
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The target distribution `[vocab]` for the next token after processing (temperature > 0)."""
