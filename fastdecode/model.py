@@ -467,7 +467,8 @@ def _into_huge_pages(model: nn.Module) -> None:
     pages that is ~80,000 TLB misses a forward, on 2 MB pages ~160. Alternated in one process on
     the AMX Xeon (2 threads, 512 cached): a one-token forward 14.3 -> 13.2-13.7 ms, 11 tokens
     16.5-16.9 -> 16.0-16.2 ms. Storages shared by several tensors stay shared (same offsets and
-    strides); nothing happens where the platform has no MADV_HUGEPAGE."""
+    strides); nothing happens where Python's mmap has no MADV_HUGEPAGE, and a kernel that refuses
+    the advice leaves the mapping on ordinary pages."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     named = [(module, kind, name, t, t.untyped_storage()) for module in model.modules()
@@ -484,7 +485,10 @@ def _into_huge_pages(model: nn.Module) -> None:
     size = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a huge page boundary
     arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = -ctypes.addressof(ctypes.c_char.from_buffer(arena)) % HUGE_PAGE
-    arena.madvise(mmap.MADV_HUGEPAGE, start, size - start)
+    try:
+        arena.madvise(mmap.MADV_HUGEPAGE, start, size - start)
+    except OSError:  # a kernel without transparent huge pages (EINVAL): ordinary pages, still one mapping
+        pass
     raw = torch.frombuffer(arena, dtype=torch.uint8)[start:]  # the tensors keep the mapping alive
     moved: dict[int, torch.Tensor] = {}  # storage address -> its bytes in the arena
     new_of: dict[int, torch.Tensor] = {}  # id(tensor) -> its copy (a tied one is listed under two modules)

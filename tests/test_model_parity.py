@@ -171,3 +171,27 @@ def test_build_model_moves_every_weight_into_one_huge_page_mapping(
         assert model.lm_head.weight is model.embed.weight
     ids = torch.tensor([3, 17, 5, 99, 42])
     assert torch.equal(model(ids, torch.arange(5), model.new_cache()), plain(ids, torch.arange(5), plain.new_cache()))
+
+
+def test_build_model_keeps_ordinary_pages_where_the_kernel_refuses_huge_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without transparent huge pages answers madvise(MADV_HUGEPAGE) with EINVAL: the
+    model still loads, its weights in the one mapping, with the same logits."""
+    import mmap
+
+    calls = []
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            calls.append(args)
+            raise OSError(22, "Invalid argument")
+
+    folder = make_tiny_model(tmp_path / "m", "llama")
+    cfg, state, _ = load_checkpoint(str(folder))
+    plain = build_model(cfg, state, "float32", max_len=64)
+    monkeypatch.setattr(mmap, "mmap", Refusing)
+    model = build_model(cfg, state, "float32", max_len=64)
+    assert calls  # the advice was asked for and refused
+    ids = torch.tensor([3, 17, 5, 99, 42])
+    assert torch.equal(model(ids, torch.arange(5), model.new_cache()), plain(ids, torch.arange(5), plain.new_cache()))
