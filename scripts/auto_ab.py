@@ -4,7 +4,9 @@ tokens/s, tau and the step time are printed per arm and per category.
 
 An arm is `key=value` pairs joined by `;`: method (default auto), budget (default LLM.budget),
 suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), refit
-(StepCost.REFIT_EVERY of auto). For example, the A/B behind the AMX budget of `auto`:
+(StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`). `--skip 10`
+runs prompts the benchmark's first 10 a category leave out. For example, the A/B behind the AMX
+budget of `auto`:
 
     python scripts/auto_ab.py --limit 3 "budget=12" "budget=24;suffix_min_score=0.1;suffix_depth=32"
     python scripts/auto_ab.py --limit 3 --temperature 0.7 --top-p 0.9 "budget=12" "budget=24"
@@ -18,7 +20,7 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.suffix import SuffixTrie
 
-KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit")
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop")
 
 
 def parse_arm(text: str) -> dict[str, str]:
@@ -40,6 +42,13 @@ def build(llm: LLM, arm: dict[str, str]):
             suffix.max_draft_depth = int(arm["suffix_depth"])
             suffix.max_depth = suffix.max_pattern + suffix.max_draft_depth
             suffix.global_trie = SuffixTrie(suffix.max_depth)
+    if "drop" in arm:
+        if method != "auto":
+            raise SystemExit(f"drop is auto's setting, not {method!r}'s")
+        for name in arm["drop"].split(","):
+            if name not in drafter.members:
+                raise SystemExit(f"drop={name!r}: auto's members are {', '.join(drafter.members)}")
+            del drafter.members[name]
     if "refit" in arm:
         if method != "auto":
             raise SystemExit(f"refit is auto's setting, not {method!r}'s")
@@ -50,6 +59,8 @@ def build(llm: LLM, arm: dict[str, str]):
 def add_run_arguments(ap: argparse.ArgumentParser, limit: int) -> None:
     """The prompt set and sampling options this script shares with draft_coverage.py."""
     ap.add_argument("--limit", type=int, default=limit, help="prompts per category")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="prompts per category to pass over first (e.g. 10: held out from the benchmark's first 10)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -59,8 +70,17 @@ def add_run_arguments(ap: argparse.ArgumentParser, limit: int) -> None:
 
 
 def prompts_and_params(args: argparse.Namespace) -> tuple[list, SamplingParams]:
-    """The first --limit Spec-Bench prompts per category (plus HumanEval) and the sampling settings, seed 0."""
-    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.limit)
+    """--limit Spec-Bench prompts per category (plus HumanEval) after the first --skip, and the
+    sampling settings, seed 0."""
+    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.skip + args.limit)
+    if args.skip:
+        seen: dict[str, int] = defaultdict(int)
+        kept = []
+        for prompt in prompts:
+            seen[prompt.category] += 1
+            if seen[prompt.category] > args.skip:
+                kept.append(prompt)
+        prompts = kept
     return prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=0)
 
