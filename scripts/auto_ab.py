@@ -72,15 +72,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, limit: int) -> None:
 def prompts_and_params(args: argparse.Namespace) -> tuple[list, SamplingParams]:
     """--limit Spec-Bench prompts per category (plus HumanEval) after the first --skip, and the
     sampling settings, seed 0."""
-    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.skip + args.limit)
-    if args.skip:
-        seen: dict[str, int] = defaultdict(int)
-        kept = []
-        for prompt in prompts:
-            seen[prompt.category] += 1
-            if seen[prompt.category] > args.skip:
-                kept.append(prompt)
-        prompts = kept
+    prompts, _ = load_prompts(args.data, args.humaneval, limit=args.limit, skip=args.skip)
     return prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=0)
 

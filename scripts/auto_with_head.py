@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--draft-head", default=None)
     p.add_argument("--datastore", default=None)
     p.add_argument("--limit", type=int, default=3, help="prompts per category")
+    p.add_argument("--skip", type=int, default=0, help="prompts per category to pass over first (10: held out "
+                                                        "from the benchmark's first 10)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (same seed for every method)")
@@ -33,7 +35,7 @@ def main() -> None:
     p.add_argument("--data", default=DEFAULT_SPEC_BENCH)
     p.add_argument("--humaneval", default=DEFAULT_HUMANEVAL)
     args = p.parse_args()
-    prompts, notes = load_prompts(args.data, args.humaneval, limit=args.limit)
+    prompts, notes = load_prompts(args.data, args.humaneval, limit=args.limit, skip=args.skip)
     for note in notes:
         print(note)
     if args.draft_head is None and args.datastore is None:

@@ -42,6 +42,8 @@ def test_limit_is_per_category_and_mt_bench_spans_subcategories() -> None:
     prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, ["mt_bench", "qa"], limit=8)
     assert [p.category for p in prompts] == ["mt_bench"] * 8 + ["qa"] * 8
     assert len({p.subcategory for p in prompts[:8]}) == 8
+    later, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, ["mt_bench", "qa"], limit=3, skip=5)
+    assert [p.prompt_id for p in later] == [p.prompt_id for p in prompts[5:8] + prompts[13:16]]
 
 
 def test_builtin_set_covers_every_category() -> None:
@@ -56,6 +58,8 @@ def test_builtin_set_covers_every_category() -> None:
 def test_bad_inputs_name_the_value() -> None:
     with pytest.raises(ValueError, match="poetry"):
         load_prompts(BUILTIN, categories=["poetry"])
+    with pytest.raises(ValueError, match="skip=-1"):
+        load_prompts(BUILTIN, skip=-1)
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_prompts("nowhere.jsonl")
 

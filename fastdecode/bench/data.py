@@ -83,9 +83,10 @@ def load_builtin() -> list[BenchPrompt]:
 
 def load_prompts(
     data: str = DEFAULT_SPEC_BENCH, humaneval: str = DEFAULT_HUMANEVAL,
-    categories: list[str] | None = None, limit: int | None = None,
+    categories: list[str] | None = None, limit: int | None = None, skip: int = 0,
 ) -> tuple[list[BenchPrompt], list[str]]:
-    """Prompts of the chosen categories, at most `limit` per category, plus notes on what was skipped."""
+    """Prompts of the chosen categories, at most `limit` per category after its first `skip` (a set
+    held out from a run of the first ones), plus notes on what was skipped."""
     categories = list(categories or CATEGORIES)
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
@@ -97,7 +98,7 @@ def load_prompts(
         prompts = load_spec_bench(_existing(data, "--data", f"or use --data {BUILTIN}"))
         if "code" in categories:
             prompts += _humaneval_or_note(humaneval, notes)
-    return _select(prompts, categories, limit), notes
+    return _select(prompts, categories, limit, skip), notes
 
 
 def _humaneval_or_note(path: str, notes: list[str]) -> list[BenchPrompt]:
@@ -108,17 +109,19 @@ def _humaneval_or_note(path: str, notes: list[str]) -> list[BenchPrompt]:
     return load_humaneval(resolved)
 
 
-def _select(prompts: list[BenchPrompt], categories: list[str], limit: int | None) -> list[BenchPrompt]:
+def _select(prompts: list[BenchPrompt], categories: list[str], limit: int | None, skip: int = 0) -> list[BenchPrompt]:
     """Group by category in `categories` order; within mt_bench alternate the subcategories."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for every prompt)")
+    if skip < 0:
+        raise ValueError(f"skip={skip} must be >= 0")
     by_category: dict[str, list[BenchPrompt]] = defaultdict(list)
     for p in prompts:
         by_category[p.category].append(p)
     chosen = []
     for category in categories:
         group = _round_robin(by_category[category]) if category == "mt_bench" else by_category[category]
-        chosen += group[:limit]
+        chosen += group[skip:][:limit]
     return chosen
 
 
