@@ -143,6 +143,9 @@ def test_report_from_synthetic_records(tmp_path: Path) -> None:
     report = markdown_report(summary, {"roofline": roof, "methods": ["ar", "pld"]}, [])
     assert "at most 2.0 forwards/s" in report
     assert "| ar | 1.0 | 1.00 | 1.0 | 50 % |" in report and "| pld | 2.7 | 2.00 | 1.3 | 67 % |" in report
+    assert "not a bound in this run" not in report
+    fast = markdown_report(summary, {"roofline": {**roof, "bound_forwards_per_s": 1.2}, "methods": ["ar", "pld"]}, [])
+    assert "| pld | 2.7 | 2.00 | 1.3 | 111 % |" in fast and "not a bound in this run" in fast  # faster than the probe
     plot_speedup(summary, str(tmp_path / "speedup.png"))
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
