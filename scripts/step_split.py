@@ -1,0 +1,105 @@
+"""Where a decoding step's wall time goes, per phase and, for `auto`, per member.
+
+Runs each method on Spec-Bench prompts (interleaved per prompt, each prompt once per method, so
+`suffix`'s memory of earlier outputs never holds the answer it is asked for) and reports per
+step: the drafter's proposal, the tree's inputs, the forward, the verification walk (draws) and
+the rest of the commit (cache keep, the drafters' updates, stop checks); for `auto`, each
+member's propose() and update() and `auto`'s own share. Timers wrap the engine's functions
+and the drafters' methods; they add ~1 us a call.
+
+    python scripts/step_split.py [--skip 12 --limit 1] [--methods ar,auto] [--temperature 0.7 --top-p 0.9]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import fastdecode.engine as engine
+from fastdecode import LLM, SamplingParams
+from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+
+TIMES: defaultdict[str, float] = defaultdict(float)
+
+
+def timed(owner: object, attr: str, key: str) -> None:
+    """Replace owner.attr by a wrapper adding its wall time to TIMES[key]."""
+    fn = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[key] += time.perf_counter() - start
+
+    setattr(owner, attr, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip", type=int, default=12, help="prompts per category to skip (the benchmark uses the first 10)")
+    ap.add_argument("--limit", type=int, default=1, help="prompts per category")
+    ap.add_argument("--methods", default="ar,auto")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, limit=args.limit, skip=args.skip)
+    llm = LLM(threads=args.threads, prefix_cache=False)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
+    ids = [llm.apply_chat_template([{"role": "user", "content": p.turns[0]}]) for p in prompts]
+    warm = llm.apply_chat_template([{"role": "user", "content": "Say hello in three languages."}])  # warm-up only
+    methods = args.methods.split(",")
+    drafters = {m: llm.new_drafter(m) for m in methods}
+    llm.drafter = drafters.__getitem__
+    for name in ("propose", "tree_segment", "verify"):
+        timed(engine, name, name)
+    model, forward = llm.engine.model, llm.engine.model.forward
+
+    def step_forward(*a, **kw):  # a prefill (last_only) is not a step's forward
+        start = time.perf_counter()
+        try:
+            return forward(*a, **kw)
+        finally:
+            if not kw.get("last_only", False):
+                TIMES["forward"] += time.perf_counter() - start
+
+    model.forward = step_forward
+    timed(engine, "commit_step", "commit")
+    for m, d in drafters.items():
+        timed(d, "update", f"{m}.update")
+        for member, md in getattr(d, "members", {}).items():
+            timed(md, "propose", f"{m}.{member}.propose")
+            timed(md, "update", f"{m}.{member}.update")
+        llm._run_to_end(warm, params, m)
+    totals = {m: defaultdict(float) for m in methods}
+    for k, prompt in enumerate(ids):
+        for m in methods[k % len(methods):] + methods[: k % len(methods)]:
+            TIMES.clear()
+            out = llm._run_to_end(prompt, params, m)
+            t = totals[m]
+            for key, v in TIMES.items():
+                t[key] += v
+            t["steps"] += out.metrics.steps
+            t["tokens"] += out.metrics.tokens
+            t["nodes"] += out.metrics.drafted
+            t["decode_s"] += out.metrics.decode_s
+    for m in methods:
+        t = totals[m]
+        steps = t.pop("steps")
+        per = {key: v / steps * 1e3 for key, v in t.items() if key not in ("tokens", "nodes", "decode_s")}
+        per["commit (rest)"] = per.pop("commit") - per.get("verify", 0.0) - per.get(f"{m}.update", 0.0)
+        members = [key for key in per if key.count(".") == 2]
+        if members:  # auto's own share: its propose / update less its members'
+            per[f"{m} (own).propose"] = per["propose"] - sum(per[k] for k in members if k.endswith(".propose"))
+            per[f"{m} (own).update"] = per[f"{m}.update"] - sum(per[k] for k in members if k.endswith(".update"))
+        print(f"{m}: {len(ids)} prompts, tau {t['tokens'] / steps:.2f}, {t['nodes'] / steps:.2f} nodes a step, "
+              f"{t['tokens'] / t['decode_s']:.1f} decode tok/s, {t['decode_s'] / steps * 1e3:.3f} ms a step")
+        for key, ms in sorted(per.items()):
+            print(f"  {key:28s} {ms:7.3f} ms a step")
+
+
+if __name__ == "__main__":
+    main()
