@@ -4,7 +4,8 @@ tokens/s, tau and the step time are printed per arm and per category.
 
 An arm is `key=value` pairs joined by `;`: method (default auto), budget (default LLM.budget),
 suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), refit
-(StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`). `--skip 10`
+(StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`), cap (nodes a
+member of auto may propose at most, `member:n` joined by `,`). `--skip 10`
 runs prompts the benchmark's first 10 a category leave out. For example, the A/B behind the AMX
 budget of `auto`:
 
@@ -20,7 +21,7 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.suffix import SuffixTrie
 
-KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop")
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap")
 
 
 def parse_arm(text: str) -> dict[str, str]:
@@ -49,6 +50,15 @@ def build(llm: LLM, arm: dict[str, str]):
             if name not in drafter.members:
                 raise SystemExit(f"drop={name!r}: auto's members are {', '.join(drafter.members)}")
             del drafter.members[name]
+    if "cap" in arm:
+        if method != "auto":
+            raise SystemExit(f"cap is auto's setting, not {method!r}'s")
+        for part in arm["cap"].split(","):
+            name, _, n = part.partition(":")
+            if name not in drafter.members or not n.isdigit() or int(n) < 1:
+                raise SystemExit(f"cap={part!r}: want member:n with n >= 1; auto's members are {', '.join(drafter.members)}")
+            member, cap = drafter.members[name], int(n)
+            member.propose = lambda context, budget, propose=member.propose, cap=cap: propose(context, min(budget, cap))
     if "refit" in arm:
         if method != "auto":
             raise SystemExit(f"refit is auto's setting, not {method!r}'s")
