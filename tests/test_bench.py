@@ -146,6 +146,9 @@ def test_report_from_synthetic_records(tmp_path: Path) -> None:
     assert "not a bound in this run" not in report
     fast = markdown_report(summary, {"roofline": {**roof, "bound_forwards_per_s": 1.2}, "methods": ["ar", "pld"]}, [])
     assert "| pld | 2.7 | 2.00 | 1.3 | 111 % |" in fast and "not a bound in this run" in fast  # faster than the probe
+    assert "the size of the weights" not in fast  # no weight-sized probe in these results: no sentence
+    sized = markdown_report(summary, {"roofline": {**roof, "weight_sized_bandwidth_gbs": 3.5}, "methods": ["ar"]}, [])
+    assert "Over a buffer the size of the weights the probe read 3.5 GB/s (3500.0 forwards/s)" in sized
     plot_speedup(summary, str(tmp_path / "speedup.png"))
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -180,6 +183,7 @@ def test_quick_run_on_the_default_model(tmp_path: Path) -> None:
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "records.partial.jsonl").exists()
     assert results["info"]["roofline"]["bound_forwards_per_s"] > 0 and "## Roofline" in report  # the run finished: results.json holds it all
+    assert results["info"]["roofline"]["weight_sized_bandwidth_gbs"] > 0 and "the size of the weights" in report
 
 
 def test_sampled_run_gives_every_method_ars_tokens(tmp_path: Path) -> None:

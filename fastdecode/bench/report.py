@@ -161,8 +161,13 @@ def _roofline_section(summary: dict[str, dict[str, Stats]], info: dict[str, Any]
         f"One forward reads {r['weight_bytes'] / 1e6:.1f} MB of weights (plus the KV cache); the measured read "
         f"bandwidth is {r['bandwidth_gbs']:.1f} GB/s, so at most {bound:.1f} forwards/s. That is AR's bound in "
         "tokens/s; a method's is tau times it.", "",
-        "| Runner | decode tok/s | tau | forwards/s | % of the bound |", "|---|---|---|---|---|",
     ]
+    sized = r.get("weight_sized_bandwidth_gbs")
+    if sized:  # a buffer of the weights' size may sit in a large last-level cache
+        lines += [f"Over a buffer the size of the weights the probe read {sized:.1f} GB/s ({sized * 1e9 / r['weight_bytes']:.1f} "
+                  "forwards/s): the first probe's buffer is larger than any cache, this one reads as fast as the weights "
+                  "could if a cache holds part of them.", ""]
+    lines += ["| Runner | decode tok/s | tau | forwards/s | % of the bound |", "|---|---|---|---|---|"]
     over = False
     for runner in info.get("methods", []):
         s = summary.get(runner, {}).get(OVERALL)
