@@ -72,18 +72,20 @@ struct AdedTable : torch::CustomClassHolder {
     bigram[b].add(c, weight);
   }
 
-  // c followed (triples[3i], triples[3i + 1]) for every i.
+  // c = triples[3i + 2] followed (triples[3i], triples[3i + 1]) for every i.
   void observe_many(std::vector<int64_t> triples) {
     for (size_t i = 0; i + 2 < triples.size(); i += 3) observe(triples[i], triples[i + 1], triples[i + 2], 1);
   }
 
-  // Aded._learn_sequence: the tokens after the two before them (a, b); returns the new last two.
-  std::tuple<int64_t, int64_t> learn_sequence(std::vector<int64_t> tokens, int64_t a, int64_t b) {
+  // Aded._learn_sequence: the tokens after the two before them (a, b), then observe_many(triples)
+  // (one call a step: a call costs more than the counting); returns the new last two.
+  std::tuple<int64_t, int64_t> learn(std::vector<int64_t> tokens, int64_t a, int64_t b, std::vector<int64_t> triples) {
     for (const int64_t c : tokens) {
       if (b >= 0) observe(a, b, c, 1);
       a = b;
       b = c;
     }
+    observe_many(std::move(triples));
     return {a, b};
   }
 
@@ -193,8 +195,7 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.class_<AdedTable>("AdedTable")
       .def(torch::init<int64_t, double, int64_t>())
       .def("observe", &AdedTable::observe)
-      .def("observe_many", &AdedTable::observe_many)
-      .def("learn_sequence", &AdedTable::learn_sequence)
+      .def("learn", &AdedTable::learn)
       .def("table", &AdedTable::table)
       .def("propose", &AdedTable::propose);
 }
