@@ -59,7 +59,8 @@ class CostCurve:
         Rounds, not each size's runs back to back: timed size by size, the first size (1, the
         denominator) ran right after the prefill and load, and on the AMX VM the cached curves
         said a 2- to 12-token forward cost 0.63-0.95x a 1-token one (one: 2 / 4 / 8 tokens 0.72 /
-        0.63 / 0.66x), where interleaved timings give 1.04 / 1.09 / 1.18x."""
+        0.63 / 0.66x). In rounds, three measurements gave 0.98-1.00 / 0.99-1.02 / 1.04-1.05x (README,
+        "The cost curve's timing")."""
         cache = model.new_cache()
         context = max(0, min(context, model.max_len - MAX_NODES - 1))
         if context:

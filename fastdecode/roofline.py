@@ -50,7 +50,7 @@ def roofline(model: Transformer) -> dict[str, float]:
     """Weight bytes per forward, measured bandwidth, and the bound in forwards/s; and the read
     bandwidth over a buffer the size of the weights. The first probe's 512 MB exceed the caches;
     on a machine with a large last-level cache (this project's AMX VMs report a 300 MiB L3,
-    shared with other tenants) a forward's weights may fit it, and `ar` has run at 121 % of the
+    shared with other tenants) part of a forward's weights may stay in it, and `ar` has run at 121 % of the
     first bound (README, "The machine's memory state moves the ratio"). The second probe says what
     the weights' own size reads at in that state of the machine."""
     nbytes = weight_bytes(model)
