@@ -18,12 +18,14 @@ from collections import defaultdict
 import fastdecode.engine as engine
 from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+from fastdecode.drafters import METHODS
 
 TIMES: defaultdict[str, float] = defaultdict(float)
 
 
-def timed(owner: object, attr: str, key: str) -> None:
-    """Replace owner.attr by a wrapper adding its wall time to TIMES[key]."""
+def timed(owner: object, attr: str, key: str, when=lambda kwargs: True) -> None:
+    """Replace owner.attr by a wrapper adding its wall time to TIMES[key] (for calls whose keyword
+    arguments pass `when`)."""
     fn = getattr(owner, attr)
 
     def wrapper(*args, **kwargs):
@@ -31,7 +33,8 @@ def timed(owner: object, attr: str, key: str) -> None:
         try:
             return fn(*args, **kwargs)
         finally:
-            TIMES[key] += time.perf_counter() - start
+            if when(kwargs):
+                TIMES[key] += time.perf_counter() - start
 
     setattr(owner, attr, wrapper)
 
@@ -46,27 +49,20 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, limit=args.limit, skip=args.skip)
     llm = LLM(threads=args.threads, prefix_cache=False)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
     ids = [llm.apply_chat_template([{"role": "user", "content": p.turns[0]}]) for p in prompts]
     warm = llm.apply_chat_template([{"role": "user", "content": "Say hello in three languages."}])  # warm-up only
-    methods = args.methods.split(",")
     drafters = {m: llm.new_drafter(m) for m in methods}
     llm.drafter = drafters.__getitem__
     for name in ("propose", "tree_segment", "verify"):
         timed(engine, name, name)
-    model, forward = llm.engine.model, llm.engine.model.forward
-
-    def step_forward(*a, **kw):  # a prefill (last_only) is not a step's forward
-        start = time.perf_counter()
-        try:
-            return forward(*a, **kw)
-        finally:
-            if not kw.get("last_only", False):
-                TIMES["forward"] += time.perf_counter() - start
-
-    model.forward = step_forward
+    timed(llm.engine.model, "forward", "forward", lambda kw: not kw.get("last_only", False))  # a prefill is not a step
     timed(engine, "commit_step", "commit")
     for m, d in drafters.items():
         timed(d, "update", f"{m}.update")

@@ -87,13 +87,14 @@ class Aded:
         return tree
 
     def update(self, step: StepResult) -> None:
-        if self._native is not None:  # one native call: the verified tokens, then the rejected rows
-            triples = self._rejected(step) if self.learn_from_logits and len(step.tree) else []
+        """Learn the verified tokens, then the target's top-1 at the rejected rows."""
+        triples = self._rejected(step) if self.learn_from_logits else []
+        if self._native is not None:  # one native call a step: a call costs more than the counting
             self._last_two = self._native.learn(list(step.emitted), *self._last_two, triples)
             return
         self._learn_sequence(step.emitted)
-        if self.learn_from_logits and len(step.tree):
-            self._learn_rejected(step)
+        for i in range(0, len(triples), 3):
+            self.observe(*triples[i : i + 3])
 
     def end(self, output_ids: list[int]) -> None:
         return None
@@ -137,16 +138,10 @@ class Aded:
             a, b = b, c
         self._last_two = (a, b)
 
-    def _learn_rejected(self, step: StepResult) -> None:
-        """The target's top-1 at every tree row off the accepted path, in that row's context."""
-        triples = self._rejected(step)
-        for i in range(0, len(triples), 3):
-            self.observe(*triples[i : i + 3])
-
     @staticmethod
     def _rejected(step: StepResult) -> list[int]:
         """(the row's parent token, the row's token, the target's top-1 there) for every tree row
-        off the accepted path, flat."""
+        off the accepted path, flat: the target's prediction in that row's context."""
         accepted = set(step.accepted_rows)
         rejected = [row for row in range(1, len(step.tree) + 1) if row not in accepted]
         if not rejected:
