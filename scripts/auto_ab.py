@@ -5,7 +5,8 @@ tokens/s, tau and the step time are printed per arm and per category.
 An arm is `key=value` pairs joined by `;`: method (default auto), budget (default LLM.budget),
 suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), refit
 (StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`), cap (nodes a
-member of auto may propose at most, `member:n` joined by `,`). `--skip 10`
+member of auto may propose at most, `member:n` joined by `,`), probe (auto's probe_every: 0 never
+drafts half its size to see far sizes' costs). `--skip 10`
 runs prompts the benchmark's first 10 a category leave out. For example, the A/B behind the AMX
 budget of `auto`:
 
@@ -21,7 +22,7 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.suffix import SuffixTrie
 
-KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap")
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap", "probe")
 
 
 def parse_arm(text: str) -> dict[str, str]:
@@ -63,6 +64,10 @@ def build(llm: LLM, arm: dict[str, str]):
         if method != "auto":
             raise SystemExit(f"refit is auto's setting, not {method!r}'s")
         drafter.step_cost.REFIT_EVERY = int(arm["refit"])
+    if "probe" in arm:
+        if method != "auto" or not arm["probe"].isdigit():
+            raise SystemExit(f"probe={arm['probe']!r}: auto's steps between half-size probes (0: none), not {method!r}'s")
+        drafter.probe_every = int(arm["probe"])
     return method, drafter, int(arm.get("budget", llm.budget(method)))
 
 

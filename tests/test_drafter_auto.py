@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastdecode.cost import SIZES, CostCurve
-from fastdecode.drafters.auto import AutoDrafter, StepCost
+from fastdecode.drafters.auto import PROBE_EVERY, PROBE_PHASE, AutoDrafter, StepCost
 from fastdecode.drafters.base import StepResult
 from fastdecode.tree import DraftTree
 
@@ -199,3 +199,34 @@ def test_auto_suffix_member_offers_longer_copies_than_suffix_alone(tiny_llm) -> 
         assert tree.paths() == [(passage[20:] + [9] + passage)[: len(tree)]]  # one chain: what followed
         depths[name] = len(tree)
     assert depths == {"alone": 11, "member": 21}
+
+
+def _run_chain(auto: AutoDrafter, steps: int, seconds) -> list[int]:
+    """`steps` steps of `auto` over one member's chain, each taking seconds(nodes); depth 1 always
+    accepted, depth 2 every other step, deeper never. Returns the sizes drafted."""
+    sizes = []
+    for step in range(steps):
+        tree = auto.propose([1], budget=24)
+        sizes.append(len(tree))
+        auto._last = (len(tree), auto._last[1] - seconds(len(tree)))  # as if the step took that long
+        rows = [0, 1, 2][: 2 + step % 2][: len(tree) + 1]
+        auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 40), rows, [tree.tokens[r - 1] for r in rows[1:]] + [0]))
+    return sizes
+
+
+def test_auto_probes_half_its_size_and_leaves_an_oversized_start_fast() -> None:
+    # The prior says nodes are free, so the first trees take all 24 nodes; each node costs 3 % of a
+    # step, and only depths 1-2 are ever accepted. Exploring 1-2 nodes beside the best, the fit
+    # knows the slope near the size it drafts and nothing far below, so the tree creeps down a
+    # node or two at a time; the half-size probes show the far sizes at once.
+    chain = DraftTree.chain(list(range(5, 29)))
+    auto = AutoDrafter({"a": Fixed(chain)}, _linear_cost(0.0))
+    sizes = _run_chain(auto, 160, lambda k: 0.01 * (1 + 0.03 * k))
+    assert sizes[0] == 24
+    probes = [i for i in range(1, 159) if (i + 1) % PROBE_EVERY == PROBE_PHASE]  # the drafter counts steps from 1
+    assert len(probes) >= 2
+    assert all(sizes[i] == max(sizes[i - 1], sizes[i + 1]) // 2 for i in probes), [sizes[i - 1 : i + 2] for i in probes]
+    assert sorted(sizes[96:])[32] <= 3, sizes[96:]
+    unprobed = AutoDrafter({"a": Fixed(chain)}, _linear_cost(0.0))
+    unprobed.probe_every = 0
+    assert sorted(_run_chain(unprobed, 160, lambda k: 0.01 * (1 + 0.03 * k))[96:])[32] >= 8  # still creeping

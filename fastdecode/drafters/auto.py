@@ -22,7 +22,8 @@ misses. It is learned per size, not as a line: with the bf16 weights prefetched 
 of up to ~6 nodes costs little more than a one-token step and every node past it ~8 % of one
 (the multiply-adds stop hiding under the weight stream), a knee no slope fits. So every
 EXPLORE_EVERY-th step drafts one or two nodes more or fewer than the best size, and the cost of
-each size is fitted to the time differences of consecutive steps.
+each size is fitted to the time differences of consecutive steps; every PROBE_EVERY-th step
+drafts half the best size, so the fit also sees sizes far apart.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ MAX_AGREE = 3  # nodes proposed by 3 or more members share one statistic
 MAX_TRIALS = 5000.0  # counts are rescaled past this, so the rates follow a changing workload
 EXPLORE_EVERY = 8  # every 8th step tries a size next to the best, so StepCost sees them
 EXPLORE_OFFSETS = (-1, 1, -2, 2)  # taken in turn, clipped to the nodes at hand
+# Every PROBE_EVERY-th step (PROBE_PHASE steps into each period, never an exploring step) drafts
+# half the best size: two pairs of far-apart sizes (half after full, full after half) for
+# StepCost. Exploring only next to the chosen size, `auto` could settle on 20-24 nodes early, on
+# the load-time curve's too cheap slope, and take thousands of steps to come back (see README).
+PROBE_EVERY = 64
+PROBE_PHASE = 4
 
 
 class StepCost:
@@ -143,6 +150,7 @@ class AutoDrafter:
         self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
         self._steps = 0
+        self.probe_every = PROBE_EVERY  # 0: never probe (A/B scripts)
 
     def begin(self, prompt_ids: list[int], request: DraftRequest | None = None) -> None:
         self._last = None  # the time since the last request's step is not a step
@@ -180,12 +188,7 @@ class AutoDrafter:
             best = max(self.rate(key) for key in node.keys)
             node.score = best * (1.0 if node.parent < 0 else nodes[node.parent].score)
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, i))[:budget]
-        size = self._best_size([nodes[i].score for i in order])
-        self._steps += 1
-        if self._steps % EXPLORE_EVERY == 0:
-            offset = EXPLORE_OFFSETS[self._steps // EXPLORE_EVERY % len(EXPLORE_OFFSETS)]
-            size = min(max(size + offset, 0), len(order))
-        keep = sorted(order[:size])
+        keep = sorted(order[: self.choose_size([nodes[i].score for i in order])])
         remap = {old: new for new, old in enumerate(keep)}
         parents = [remap[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep]
         self._chosen = [(nodes[i], parent) for i, parent in zip(keep, parents)]
@@ -213,6 +216,18 @@ class AutoDrafter:
             agree = min(len({key[0] for key in node.keys}), MAX_AGREE)
             node.keys = [(name, depth, rank, agree) for name, depth, rank, _ in node.keys]
         return nodes
+
+    def choose_size(self, scores: list[float]) -> int:
+        """This step's tree size for its nodes' scores, best first: the best size (`_best_size`),
+        except on every EXPLORE_EVERY-th step a size beside it and on every probe_every-th half of it."""
+        size = self._best_size(scores)
+        self._steps += 1
+        if self._steps % EXPLORE_EVERY == 0:
+            offset = EXPLORE_OFFSETS[self._steps // EXPLORE_EVERY % len(EXPLORE_OFFSETS)]
+            size = min(max(size + offset, 0), len(scores))
+        elif self.probe_every and self._steps % self.probe_every == PROBE_PHASE % self.probe_every:
+            size //= 2
+        return size
 
     def _best_size(self, scores: list[float]) -> int:
         """k maximising (1 + sum of the k best scores) / step_cost(k)."""
