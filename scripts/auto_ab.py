@@ -6,7 +6,8 @@ An arm is `key=value` pairs joined by `;`: method (default auto), budget (defaul
 suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), refit
 (StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`), cap (nodes a
 member of auto may propose at most, `member:n` joined by `,`), probe (auto's probe_every: 0 never
-drafts half its size to see far sizes' costs). `--skip 10`
+drafts half its size to see far sizes' costs), seen (0: auto's statistics not keyed by whether the
+context holds a node's trigram). `--skip 10`
 runs prompts the benchmark's first 10 a category leave out. For example, the A/B behind the AMX
 budget of `auto`:
 
@@ -22,7 +23,7 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.suffix import SuffixTrie
 
-KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap", "probe")
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap", "probe", "seen")
 
 
 def parse_arm(text: str) -> dict[str, str]:
@@ -68,6 +69,10 @@ def build(llm: LLM, arm: dict[str, str]):
         if method != "auto" or not arm["probe"].isdigit():
             raise SystemExit(f"probe={arm['probe']!r}: auto's steps between half-size probes (0: none), not {method!r}'s")
         drafter.probe_every = int(arm["probe"])
+    if "seen" in arm:
+        if method != "auto" or arm["seen"] not in ("0", "1"):
+            raise SystemExit(f"seen={arm['seen']!r}: auto's switch, 0 or 1, not {method!r}'s")
+        drafter.use_seen = arm["seen"] == "1"
     return method, drafter, int(arm.get("budget", llm.budget(method)))
 
 

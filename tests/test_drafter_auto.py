@@ -16,7 +16,7 @@ class Fixed:
     def __init__(self, tree: DraftTree) -> None:
         self.tree, self.updates = tree, 0
 
-    def begin(self, prompt_ids: list[int]) -> None:
+    def begin(self, prompt_ids: list[int], request=None) -> None:
         return None
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
@@ -58,7 +58,7 @@ def test_observed_acceptance_raises_scores_and_tree_size() -> None:
         auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 10), rows, tree.tokens + [0]))
     assert len(auto.propose([1], budget=8)) > first
     assert member.updates == 30
-    assert auto.rate(("a", 1, 0, 1)) > 0.8  # (member, depth, sibling rank, members agreeing)
+    assert auto.rate(("a", 1, 0, 1, 0)) > 0.8  # (member, depth, sibling rank, members agreeing, seen)
 
 
 def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on() -> None:
@@ -73,13 +73,38 @@ def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on() -> Non
         hit = [i for i, token in enumerate(tree.tokens) if token == 5 and b.tree.tokens == [5]]
         rows = [0] + [i + 1 for i in hit]
         auto.update(StepResult(1, tree, torch.zeros(len(tree) + 1, 10), rows, [tree.tokens[i] for i in hit] + [0]))
-    assert auto.rate(("a", 1, 0, 2)) > 0.8 and auto.rate(("a", 1, 0, 1)) < 0.2
+    assert auto.rate(("a", 1, 0, 2, 0)) > 0.8 and auto.rate(("a", 1, 0, 1, 0)) < 0.2
     auto.step_cost = StepCost(_linear_cost(0.4))  # a node now costs 40 % of a step (steps 41, 42: not exploring)
     auto.step_cost.observe = lambda nodes, seconds: None
     b.tree = DraftTree.chain([5])
     assert auto.propose([1], budget=4).tokens == [5]
     b.tree = DraftTree.chain([7])
     assert auto.propose([1], budget=4).tokens == []
+
+
+def test_acceptance_is_counted_apart_for_nodes_whose_trigram_the_context_holds() -> None:
+    """A node whose last three tokens (with the context's) already occur in the request's context
+    is far likelier right: the statistics keep such nodes apart (`seen`: 0, 1, 2 or more)."""
+    a = Fixed(DraftTree.chain([5]))
+    auto = AutoDrafter({"a": a}, _linear_cost(0.0))
+    auto.step_cost.observe = lambda nodes, seconds: None
+    seen, unseen = [9, 8, 5, 9, 8], [9, 7, 5, 9, 8]  # (9, 8) then 5 occurs in the first only
+    for step in range(40):
+        context = seen if step % 2 else unseen
+        auto.begin(context)
+        tree = auto.propose(context, budget=4)  # [5], or [] on a step exploring a smaller size
+        right = context is seen and len(tree) == 1  # right exactly where the context holds (9, 8, 5)
+        auto.update(StepResult(8, tree, torch.zeros(len(tree) + 1, 10), [0, 1] if right else [0], [5, 0] if right else [0]))
+    assert auto.rate(("a", 1, 0, 1, 1)) > 0.8 and auto.rate(("a", 1, 0, 1, 0)) < 0.2
+    auto.step_cost = StepCost(_linear_cost(0.4))
+    auto.step_cost.observe = lambda nodes, seconds: None
+    for context, drafted in ((seen, [5]), (unseen, [])):
+        auto.begin(context)
+        assert auto.propose(context, budget=4).tokens == drafted
+    auto.begin(seen)
+    auto.propose(seen, budget=4)
+    auto.propose(seen + [5, 9, 8], budget=4)  # the request's next step: only the new tokens are counted
+    assert auto._trigrams[(9, 8, 5)] == 2 and auto._trigrams[(8, 5, 9)] == 2
 
 
 def test_cost_curve_interpolates_and_extrapolates() -> None:
