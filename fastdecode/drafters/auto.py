@@ -3,20 +3,20 @@ trie, each node scored by its estimated chance of being accepted, and the tree i
 that maximises expected tokens per unit of forward cost on this machine.
 
 Scores come from observed acceptance, not from the members' own confidence: for every
-(member, depth, sibling rank, agreement, seen) we count how often a node whose parent was accepted was
-itself accepted (a Beta prior keeps early estimates modest). Agreement is how many members
-proposed the node: it predicts acceptance more than any member does. Sampled (T 0.7, top-p 0.9,
-7 Spec-Bench prompts), the depth-1 first guess of `aded` was accepted 7.5 % of the time when it
-alone proposed it, 34 % with a second member and 100 % (45 of 45) with all three, against the
-49 % a statistic pooled over agreement gave it; pooled, a step's expected accepted tokens were
-2.98 where 1.09 came, with agreement 1.97 and 1.97. Seen is how often (0, 1, 2 or more) the
-request's context already holds the node's last three tokens (its parent's two and its own):
-within one rate such nodes are far likelier right (recorded sampled pools: 3 % against 45 % for
-nodes `auto` rated below 0.1, 47 % against 81 % above 0.6; README). A node's score is its parent's score times
-the best conditional rate among the members that proposed it, so scores never grow down a path
-and the top-k nodes always form a tree. The tree keeps the k best nodes maximising
-(1 + sum of scores) / step_cost(k) (the 1 is the bonus token every step yields); k = 0 is plain
-decoding.
+(member, depth, sibling rank, agreement, seen) we count how often a node whose parent was
+accepted was itself accepted (a Beta prior keeps early estimates modest). Agreement is how many
+members proposed the node: it predicts acceptance more than any member does. Sampled (T 0.7,
+top-p 0.9, 7 Spec-Bench prompts), the depth-1 first guess of `aded` was accepted 7.5 % of the
+time when it alone proposed it, 34 % with a second member and 100 % (45 of 45) with all three,
+against the 49 % a statistic pooled over agreement gave it; pooled, a step's expected accepted
+tokens were 2.98 where 1.09 came, with agreement 1.97 and 1.97. Seen is how often (0, 1, 2 or
+more) the request's context already holds the node's last three tokens (its parent's two and its
+own): within one rate such nodes are far likelier right (recorded sampled pools: 3 % against 45 %
+for nodes `auto` rated below 0.1, 47 % against 81 % above 0.6; README). A node's score is its
+parent's score times the best conditional rate among the members that proposed it, so scores
+never grow down a path and the top-k nodes always form a tree. The tree keeps the k best nodes
+maximising (1 + sum of scores) / step_cost(k) (the 1 is the bonus token every step yields); k = 0
+is plain decoding.
 
 step_cost(k) is the wall time of a whole step with k draft nodes, learned while decoding
 (`StepCost`): the time from one propose() to the next covers the members' proposals, the
@@ -155,7 +155,7 @@ class AutoDrafter:
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
         self._steps = 0
         self.probe_every = PROBE_EVERY  # 0: never probe (A/B scripts)
-        self.use_seen = True  # key the statistics by SEEN too (False: A/B scripts)
+        self.use_seen = True  # False: every node's seen is 0 (A/B scripts)
         self._trigrams: dict[tuple[int, int, int], int] = {}  # the request's context: trigram -> count
         self._scanned = 0  # context tokens whose trigrams are counted
 
