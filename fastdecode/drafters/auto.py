@@ -221,18 +221,26 @@ class AutoDrafter:
                     nodes.append(_Node(token, merged_parent, depth))
                 nodes[idx].keys.append((name, nodes[idx].depth, min(rank, MAX_RANK), 0, 0))
                 local.append(idx)
-        counts = self._count_trigrams(context) if self.use_seen else {}
-        last = tuple(context[-2:]) if len(context) >= 2 else (-1, -1)
-        for node in nodes:  # agreement and seen are known once every member has proposed
+        seen = self.trigram_counts(context, nodes) if self.use_seen else [0] * len(nodes)
+        for node, count in zip(nodes, seen):  # agreement and seen are known once every member has proposed
             agree = min(len({key[0] for key in node.keys}), MAX_AGREE)
+            node.keys = [(name, depth, rank, agree, min(count, MAX_SEEN)) for name, depth, rank, _, _ in node.keys]
+        return nodes
+
+    def trigram_counts(self, context: list[int], nodes: list[_Node]) -> list[int]:
+        """How often the request's context (prompt and output so far) holds each merged node's last
+        three tokens: its own and the two before it on its path, the context's where the path is short."""
+        counts = self._count_trigrams(context)
+        last = tuple(context[-2:]) if len(context) >= 2 else (-1, -1)
+        out = []
+        for node in nodes:
             if node.parent < 0:
                 before = last
             else:
                 parent = nodes[node.parent]
                 before = (nodes[parent.parent].token if parent.parent >= 0 else last[1], parent.token)
-            seen = min(counts.get((*before, node.token), 0), MAX_SEEN)
-            node.keys = [(name, depth, rank, agree, seen) for name, depth, rank, _, _ in node.keys]
-        return nodes
+            out.append(counts.get((*before, node.token), 0))
+        return out
 
     def _count_trigrams(self, context: list[int]) -> dict[tuple[int, int, int], int]:
         """The request's trigram counts, brought up to `context` (its prompt and output so far)."""
