@@ -402,11 +402,15 @@ def test_silu_mul_split_over_threads_gives_each_row_its_own_bits() -> None:
         torch.testing.assert_close(got, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int4", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-amx", "int4", "float32"])
 def test_fused_layer_equals_its_pieces(dtype: str) -> None:
     """`layer` is exactly rms_norm -> qkv -> attention -> o -> residual -> rms_norm -> gate_up ->
-    silu_mul -> down -> residual, run op by op from Python (bit for bit)."""
+    silu_mul -> down -> residual, run op by op from Python (bit for bit). With AMX-packed weights
+    the residuals are added inside the linear (bf16_linear_add), after the bias."""
     from fastdecode.quant import QLinear, quantize
+
+    if dtype == "bfloat16-amx" and not kernels.amx_bf16():
+        pytest.skip("this CPU has no AMX-BF16 (the packed weights' kernel)")
 
     heads, kv, hd, hidden, inter = 4, 2, 16, 64, 96
     g = torch.Generator().manual_seed(5)
@@ -416,6 +420,8 @@ def test_fused_layer_equals_its_pieces(dtype: str) -> None:
         b = torch.randn(out_f, generator=g) if bias else None
         if dtype == "int4":
             return QLinear(quantize(w, "q4_1"), b).spec()
+        if dtype == "bfloat16-amx":
+            return [kernels.pack_amx(w.to(torch.bfloat16).contiguous()), None, None, b, None]
         return [w.to(getattr(torch, dtype)).contiguous(), None, None, b, None]
 
     def run(spec: list, x: torch.Tensor) -> torch.Tensor:
@@ -426,10 +432,10 @@ def test_fused_layer_equals_its_pieces(dtype: str) -> None:
             return F.linear(x, w, b)
         return kernels.q_linear_op()(x, w, scales, mins, b, int(rows))
 
-    qkv, o, gate_up, down = lin((heads + 2 * kv) * hd, hidden, True), lin(hidden, heads * hd), lin(2 * inter, hidden), lin(hidden, inter)
+    qkv, o, gate_up, down = lin((heads + 2 * kv) * hd, hidden, True), lin(hidden, heads * hd, True), lin(2 * inter, hidden), lin(hidden, inter)
     n1, n2 = torch.rand(hidden, generator=g) + 0.5, torch.rand(hidden, generator=g) + 0.5
     ops = kernels.layer_ops()
-    for n, length in ((1, 9), (6, 9)):
+    for n, length in ((1, 9), (6, 9), (19, 9)):  # 19: two token tiles in the AMX kernel
         x = torch.randn(n, hidden, generator=g)
         rot = torch.view_as_real(torch.polar(torch.ones(n, hd // 2), torch.rand(n, hd // 2, generator=g) * 6)).contiguous()
         k1 = torch.randn(2, kv, 32, hd, generator=g)

@@ -13,11 +13,17 @@
 namespace fastdecode {
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// The same plus `residual` [n, N] (float32, contiguous): y = (x W^T + bias) + residual, each element as
+// `residual + bf16_linear(...)` gives it (one fp32 add); the AMX kernel adds it while the row is hot.
+at::Tensor bf16_linear_add(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& residual);
 // The AVX512-BF16 bf16_linear (linear_bf16_512.cpp), raw pointers; call only if has_avx512bf16().
 void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
 // The AMX-BF16 bf16_linear (linear_bf16_amx.cpp) on weights packed [N / 16, K / 2, 16, 2], raw
 // pointers; call only if has_amx_bf16().
-void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
+// residual: nullptr, or [n, N] added after the bias.
+void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, const float* residual, float* y,
+                     int64_t n, int64_t K, int64_t N);
 // An AMX tile configuration (palette 1), as _tile_loadconfig reads it: tile t has rows[t] rows of
 // colsb[t] bytes. The AMX kernels fill one per task (linear_bf16_amx.cpp, attention_512.cpp).
 struct AmxTileConfig {

@@ -37,20 +37,27 @@ void check_rows(const at::Tensor& x, const char* name) {
               " must be a contiguous float32 CPU tensor [n, features], got ", x.scalar_type(), " ", x.sizes());
 }
 
-at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name) {
+// `residual` (when given): the result is residual + the linear's, element by element.
+at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name,
+                  const std::optional<at::Tensor>& residual = std::nullopt) {
   TORCH_CHECK(spec.size() == 5, name, ": a linear is [weight or codes, scales, mins, bias, rows], got ",
               spec.size(), " entries");
   const std::optional<at::Tensor> w = spec.get(0), scales = spec.get(1), mins = spec.get(2), bias = spec.get(3);
   TORCH_CHECK(w.has_value(), name, ": the weight is missing");
   switch (w->scalar_type()) {
     case at::kBFloat16:
-      return fastdecode::bf16_linear(x, *w, bias);
+      return residual.has_value() ? fastdecode::bf16_linear_add(x, *w, bias, *residual)
+                                  : fastdecode::bf16_linear(x, *w, bias);
     case at::kByte:
-    case at::kChar:
+    case at::kChar: {
       TORCH_CHECK(scales.has_value() && spec.get(4).has_value(), name, ": block codes need scales and rows");
-      return fastdecode::q_linear(x, *w, *scales, mins, bias, spec.get(4)->item<int64_t>());
-    case at::kFloat:
-      return bias.has_value() ? at::linear(x, *w, *bias) : at::linear(x, *w);
+      at::Tensor y = fastdecode::q_linear(x, *w, *scales, mins, bias, spec.get(4)->item<int64_t>());
+      return residual.has_value() ? y.add_(*residual) : y;
+    }
+    case at::kFloat: {
+      at::Tensor y = bias.has_value() ? at::linear(x, *w, *bias) : at::linear(x, *w);
+      return residual.has_value() ? y.add_(*residual) : y;
+    }
     default:
       TORCH_CHECK(false, name, ": unsupported weight dtype ", w->scalar_type());
   }
@@ -135,9 +142,8 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
   check_rows(x, "x");
   const at::Tensor attn = attention(linear(rms_norm(x, attn_norm, eps), qkv, "qkv"), cache_k, cache_v,
                                     layer_index, length, rot, mask, heads, kv_heads);
-  at::Tensor h = x + linear(attn, o, "o");
-  h.add_(linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down"));
-  return h;
+  const at::Tensor h = linear(attn, o, "o", x);  // x + attn Wo
+  return linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down", h);
 }
 
 // `layer` for the layers `layer_ids` in turn, in one call: the norms of layer i are attn_norms[i]
@@ -190,9 +196,8 @@ at::Tensor layer_batch(const at::Tensor& x, const at::Tensor& attn_norm, const a
     parts.push_back(attention(q.narrow(0, starts[s], starts[s + 1] - starts[s]), caches_k[s], caches_v[s],
                               layer_index, lengths[s], rots[s], masks.get(s), heads, kv_heads));
   }
-  at::Tensor h = x + linear(segs == 1 ? parts[0] : at::cat(parts), o, "o");
-  h.add_(linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down"));
-  return h;
+  const at::Tensor h = linear(segs == 1 ? parts[0] : at::cat(parts), o, "o", x);
+  return linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down", h);
 }
 
 }  // namespace fastdecode

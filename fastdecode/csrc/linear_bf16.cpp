@@ -187,6 +187,23 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight,
 
 namespace fastdecode {
 
+at::Tensor bf16_linear_add(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& residual) {
+  check_inputs(x, weight, bias);
+  const bool packed = weight.dim() == 4;
+  const int64_t n = x.size(0), N = packed ? weight.size(0) * 16 : weight.size(0);
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.dim() == 2 &&
+                  residual.size(0) == n && residual.size(1) == N,
+              "residual must be a contiguous float32 tensor [", n, ", ", N, "], got ", residual.scalar_type(), " ",
+              residual.sizes());
+  if (!packed || n == 0 || N == 0) return bf16_linear(x, weight, bias).add_(residual);
+  at::Tensor y = at::empty({n, N}, x.options());
+  bf16_linear_amx(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()),
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr, residual.data_ptr<float>(), y.data_ptr<float>(),
+                  n, x.size(1), N);
+  return y;
+}
+
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
   check_inputs(x, weight, bias);
@@ -197,7 +214,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (packed) {
-    bf16_linear_amx(x.data_ptr<float>(), W, b, y.data_ptr<float>(), n, K, N);
+    bf16_linear_amx(x.data_ptr<float>(), W, b, nullptr, y.data_ptr<float>(), n, K, N);
     return y;
   }
   if (has_avx512bf16()) {

@@ -70,8 +70,8 @@ void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) {
 
 // G token groups (rows t0.. and t0 + 16..) x R row blocks (blk..): y's tiles, bias added after.
 template <int G, int R>
-void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, int64_t K, int64_t N, int64_t n,
-          int64_t t0, int64_t blk) {
+void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, const float* residual, int64_t K,
+          int64_t N, int64_t n, int64_t t0, int64_t blk) {
   _tile_zero(0);
   if constexpr (R > 1) _tile_zero(1);
   if constexpr (G > 1) _tile_zero(2);
@@ -95,14 +95,15 @@ void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, i
   if constexpr (R > 1) _tile_stored(1, c + kRows, N * 4);
   if constexpr (G > 1) _tile_stored(2, c + kTokens * N, N * 4);
   if constexpr (G > 1 && R > 1) _tile_stored(3, c + kTokens * N + kRows, N * 4);
-  if (bias != nullptr) {
+  if (bias != nullptr || residual != nullptr) {  // y = (x W^T + bias) + residual, the tiles' rows still in L1
     const int64_t t1 = std::min(n, t0 + G * kTokens);
-    const __m512 b0 = _mm512_loadu_ps(bias + blk * kRows);
     for (int64_t t = t0; t < t1; ++t) {
       float* row = y + t * N + blk * kRows;
-      _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), b0));
-      if constexpr (R > 1) {
-        _mm512_storeu_ps(row + kRows, _mm512_add_ps(_mm512_loadu_ps(row + kRows), _mm512_loadu_ps(bias + blk * kRows + kRows)));
+      for (int r = 0; r < R; ++r) {
+        __m512 v = _mm512_loadu_ps(row + kRows * r);
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + blk * kRows + kRows * r));
+        if (residual != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(residual + t * N + blk * kRows + kRows * r));
+        _mm512_storeu_ps(row + kRows * r, v);
       }
     }
   }
@@ -110,8 +111,8 @@ void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, i
 
 // Row blocks [2 u0, 2 u1) (pairs of blocks; the last may be one) for every token, two token
 // groups a pass: each pair's weights are read from memory once and stay in L2 for the next groups.
-void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, int64_t K, int64_t N, int64_t n,
-           int64_t u0, int64_t u1) {
+void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, const float* residual, int64_t K,
+           int64_t N, int64_t n, int64_t u0, int64_t u1) {
   const int64_t blocks = N / kRows;
   int configured = -1;
   for (int64_t u = u0; u < u1; ++u) {
@@ -125,10 +126,10 @@ void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, 
         configured = m0 * 32 + m1;
       }
       const bool pair = n - t0 > kTokens;
-      if (pair && two) pass<2, 2>(xb, wp, y, bias, K, N, n, t0, blk);
-      else if (pair) pass<2, 1>(xb, wp, y, bias, K, N, n, t0, blk);
-      else if (two) pass<1, 2>(xb, wp, y, bias, K, N, n, t0, blk);
-      else pass<1, 1>(xb, wp, y, bias, K, N, n, t0, blk);
+      if (pair && two) pass<2, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk);
+      else if (pair) pass<2, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk);
+      else if (two) pass<1, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk);
+      else pass<1, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk);
     }
   }
 }
@@ -137,14 +138,14 @@ void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, 
 
 namespace fastdecode {
 
-void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, float* y, int64_t n, int64_t K,
-                     int64_t N) {
+void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, const float* residual, float* y,
+                     int64_t n, int64_t K, int64_t N) {
   at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
   auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
   round_activations(x, xb, n, K);
   const int64_t count = (N / kRows + 1) / 2;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
-  at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, K, N, n, u0, u1); });
+  at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, residual, K, N, n, u0, u1); });
 }
 
 }  // namespace fastdecode
