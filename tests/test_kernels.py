@@ -387,6 +387,22 @@ def test_rms_norm_and_silu_mul_match_torch() -> None:
         ops.silu_mul(torch.randn(2, 7))
 
 
+def test_silu_mul_gives_the_same_bits_without_avx512(tmp_path: Path) -> None:
+    """The 16-lane loop (CPUs with AVX512) and the 8-lane one take the same steps per element."""
+    ops = kernels.layer_ops()
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(rows, 2 * inter, generator=g) * 6 for rows, inter in ((1, 1536), (8, 1536), (3, 1001), (11, 24))]
+    torch.save(inputs, tmp_path / "in.pt")
+    code = ("import sys, torch; from fastdecode import kernels; ops = kernels.layer_ops(); "
+            "torch.save([ops.silu_mul(x) for x in torch.load(sys.argv[1])], sys.argv[2])")
+    env = dict(os.environ, FASTDECODE_NO_AVX512="1")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for x, other in zip(inputs, torch.load(tmp_path / "out.pt")):
+        assert torch.equal(ops.silu_mul(x), other)
+
+
 def test_silu_mul_split_over_threads_gives_each_row_its_own_bits() -> None:
     """From 8,192 elements silu_mul splits rows into column ranges over the threads: every row must
     still get exactly the bits it gets alone (the serial path), tails of 8 lanes and scalars included."""
