@@ -46,7 +46,7 @@ class Recording(AutoDrafter):
         paths: list[tuple[int, ...]] = []
         for node in self._nodes:
             paths.append((paths[node.parent] if node.parent >= 0 else ()) + (node.token,))
-        counts = self.trigram_counts(context, self._nodes)
+        counts = self.trigram_counts(context, [node.token for node in self._nodes], [node.parent for node in self._nodes])
         self.steps.append((len(context), [
             (path, node.score, node.parent, max(self.rate(key) for key in node.keys), count)
             for path, node, count in zip(paths, self._nodes, counts)]))

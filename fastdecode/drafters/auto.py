@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -136,12 +136,12 @@ def _pooled_non_decreasing(values: np.ndarray) -> np.ndarray:
     return np.array([mean for mean, count in blocks for _ in range(int(count))])
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     token: int
     parent: int  # merged index, -1 = root
     depth: int
-    keys: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (member, depth, rank, agreement, seen)
+    keys: list[tuple[str, int, int, int, int]]  # (member, depth, sibling rank, agreement, seen)
     score: float = 0.0
 
 
@@ -193,18 +193,29 @@ class AutoDrafter:
 
     def _propose(self, context: list[int], budget: int) -> DraftTree:
         nodes = self._merge(context, budget)
+        rates, scores = self._rates, []
         for node in nodes:  # parents come first
-            best = max(self.rate(key) for key in node.keys)
-            node.score = best * (1.0 if node.parent < 0 else nodes[node.parent].score)
-        order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, i))[:budget]
-        keep = sorted(order[: self.choose_size([nodes[i].score for i in order])])
+            best = 0.0  # the best rate among the node's keys (every rate is > 0)
+            for key in node.keys:
+                rate = rates.get(key)
+                if rate is None:
+                    rate = self.rate(key)
+                if rate > best:
+                    best = rate
+            node.score = best if node.parent < 0 else best * nodes[node.parent].score
+            scores.append(node.score)
+        order = sorted(range(len(nodes)), key=scores.__getitem__, reverse=True)[:budget]  # stable: ties by index
+        keep = sorted(order[: self.choose_size([scores[i] for i in order])])
         remap = {old: new for new, old in enumerate(keep)}
         parents = [remap[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep]
         self._chosen = [(nodes[i], parent) for i, parent in zip(keep, parents)]
         return DraftTree([nodes[i].token for i in keep], parents)
 
     def _merge(self, context: list[int], budget: int) -> list[_Node]:
-        nodes: list[_Node] = []
+        tokens: list[int] = []  # the merged trie, parents first
+        parents: list[int] = []
+        depths: list[int] = []
+        proposed: list[list[tuple[str, int]]] = []  # per node: (member, sibling rank) of each proposal
         index: dict[tuple[int, int], int] = {}
         for name, member in self.members.items():
             tree = member.propose(context, budget)
@@ -214,32 +225,39 @@ class AutoDrafter:
                 merged_parent = -1 if parent < 0 else local[parent]
                 rank = sibling_rank.get(parent, 0)
                 sibling_rank[parent] = rank + 1
-                idx = index.get((merged_parent, token))
+                pair = (merged_parent, token)
+                idx = index.get(pair)
                 if idx is None:
-                    depth = 1 if merged_parent < 0 else nodes[merged_parent].depth + 1
-                    idx = index[(merged_parent, token)] = len(nodes)
-                    nodes.append(_Node(token, merged_parent, depth))
-                nodes[idx].keys.append((name, nodes[idx].depth, min(rank, MAX_RANK), 0, 0))
+                    idx = index[pair] = len(tokens)
+                    tokens.append(token)
+                    parents.append(merged_parent)
+                    depths.append(1 if merged_parent < 0 else depths[merged_parent] + 1)
+                    proposed.append([(name, rank)])
+                else:
+                    proposed[idx].append((name, rank))
                 local.append(idx)
-        seen = self.trigram_counts(context, nodes) if self.use_seen else [0] * len(nodes)
-        for node, count in zip(nodes, seen):  # agreement and seen are known once every member has proposed
-            agree = min(len({key[0] for key in node.keys}), MAX_AGREE)
-            node.keys = [(name, depth, rank, agree, min(count, MAX_SEEN)) for name, depth, rank, _, _ in node.keys]
+        seen = self.trigram_counts(context, tokens, parents) if self.use_seen else [0] * len(tokens)
+        nodes = []
+        for token, parent, depth, pairs, count in zip(tokens, parents, depths, proposed, seen):
+            # the keys, once every member has proposed: agreement and seen are known
+            agree = 1 if len(pairs) == 1 else min(len({name for name, _ in pairs}), MAX_AGREE)
+            count = min(count, MAX_SEEN)
+            nodes.append(_Node(token, parent, depth, [(name, depth, min(rank, MAX_RANK), agree, count) for name, rank in pairs]))
         return nodes
 
-    def trigram_counts(self, context: list[int], nodes: list[_Node]) -> list[int]:
-        """How often the request's context (prompt and output so far) holds each merged node's last
-        three tokens: its own and the two before it on its path, the context's where the path is short."""
+    def trigram_counts(self, context: list[int], tokens: list[int], parents: list[int]) -> list[int]:
+        """How often the request's context (prompt and output so far) holds each node's last three
+        tokens (a trie given as tokens and parents, parents first): its own and the two before it
+        on its path, the context's where the path is short."""
         counts = self._count_trigrams(context)
         last = tuple(context[-2:]) if len(context) >= 2 else (-1, -1)
         out = []
-        for node in nodes:
-            if node.parent < 0:
-                before = last
+        for token, parent in zip(tokens, parents):
+            if parent < 0:
+                out.append(counts.get((*last, token), 0))
             else:
-                parent = nodes[node.parent]
-                before = (nodes[parent.parent].token if parent.parent >= 0 else last[1], parent.token)
-            out.append(counts.get((*before, node.token), 0))
+                grand = parents[parent]
+                out.append(counts.get((tokens[grand] if grand >= 0 else last[1], tokens[parent], token), 0))
         return out
 
     def _count_trigrams(self, context: list[int]) -> dict[tuple[int, int, int], int]:
