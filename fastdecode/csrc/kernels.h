@@ -19,12 +19,11 @@ at::Tensor bf16_linear_add(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& residual);
 // The AVX512-BF16 bf16_linear (linear_bf16_512.cpp), raw pointers; call only if has_avx512bf16().
 void bf16_linear_512(const float* x, const uint16_t* W, const float* bias, float* y, int64_t n, int64_t K, int64_t N);
-// The AMX-BF16 bf16_linear (linear_bf16_amx.cpp) on weights packed [N / 16, K / 2, 16, 2], raw
-// pointers; call only if has_amx_bf16().
 // silu(gate) * up for elements [0, count / 16 * 16) on 16 lanes, the same bits as layer.cpp's 8-lane
 // loop (attention_512.cpp); call only if has_avx512().
 void silu_mul_512(const float* gate, const float* up, float* y, int64_t count);
-// residual: nullptr, or [n, N] added after the bias.
+// The AMX-BF16 bf16_linear (linear_bf16_amx.cpp) on weights packed [N / 16, K / 2, 16, 2], raw
+// pointers; call only if has_amx_bf16(). residual: nullptr, or [n, N] added after the bias.
 void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, const float* residual, float* y,
                      int64_t n, int64_t K, int64_t N);
 // An AMX tile configuration (palette 1), as _tile_loadconfig reads it: tile t has rows[t] rows of
