@@ -16,8 +16,8 @@ import time
 from collections import defaultdict
 
 import fastdecode.engine as engine
-from fastdecode import LLM, SamplingParams
-from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+from auto_ab import add_run_arguments, prompts_and_params  # scripts/ is on the path when run as a script
+from fastdecode import LLM
 from fastdecode.drafters import METHODS
 
 TIMES: defaultdict[str, float] = defaultdict(float)
@@ -41,21 +41,16 @@ def timed(owner: object, attr: str, key: str, when=lambda kwargs: True) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--skip", type=int, default=12, help="prompts per category to skip (the benchmark uses the first 10)")
-    ap.add_argument("--limit", type=int, default=1, help="prompts per category")
+    add_run_arguments(ap, limit=1)
+    ap.set_defaults(skip=12, temperature=0.7, top_p=0.9)  # held-out prompts, sampled
     ap.add_argument("--methods", default="ar,auto")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, limit=args.limit, skip=args.skip)
+    prompts, params = prompts_and_params(args)
     llm = LLM(threads=args.threads, prefix_cache=False)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
     ids = [llm.apply_chat_template([{"role": "user", "content": p.turns[0]}]) for p in prompts]
     warm = llm.apply_chat_template([{"role": "user", "content": "Say hello in three languages."}])  # warm-up only
     drafters = {m: llm.new_drafter(m) for m in methods}

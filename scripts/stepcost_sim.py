@@ -20,16 +20,15 @@ import random
 
 import numpy as np
 
+from auto_ab import add_run_arguments, prompts_and_params  # scripts/ is on the path when run as a script
 from fastdecode.drafters.auto import AutoDrafter
 
 
 def record(args: argparse.Namespace) -> None:
-    from fastdecode import LLM, SamplingParams
-    from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
+    from fastdecode import LLM
 
-    prompts, _ = load_prompts(DEFAULT_SPEC_BENCH, DEFAULT_HUMANEVAL, limit=args.limit, skip=args.skip)
+    prompts, params = prompts_and_params(args)
     llm = LLM(threads=args.threads)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=0)
     auto = llm.drafter("auto")
     events: list = []  # ["s", scores] | ["o", nodes, seconds] | ["r"]
     choose, observe, new_request = auto.choose_size, auto.step_cost.observe, auto.step_cost.new_request
@@ -94,12 +93,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="run sampled auto and save its steps")
     rec.add_argument("file")
-    rec.add_argument("--skip", type=int, default=12)
-    rec.add_argument("--limit", type=int, default=2)
-    rec.add_argument("--threads", type=int, default=2)
-    rec.add_argument("--max-new-tokens", type=int, default=256)
-    rec.add_argument("--temperature", type=float, default=0.7)
-    rec.add_argument("--top-p", type=float, default=0.9)
+    add_run_arguments(rec, limit=2)
+    rec.set_defaults(skip=12, temperature=0.7, top_p=0.9)  # held-out prompts, sampled
     sim = sub.add_parser("simulate", help="replay recorded steps with modelled step times")
     sim.add_argument("file")
     sim.add_argument("--seeds", type=int, default=50)
