@@ -452,7 +452,7 @@ def build_model(
     if dtype in QUANT_DTYPES:
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
     elif dtype == "bfloat16" and amx_bf16():
-        _pack_linears_amx(model)
+        pack_linears_amx(model)
     _into_huge_pages(model)
     return model.eval()
 
@@ -506,7 +506,7 @@ def _into_huge_pages(model: nn.Module) -> None:
             module._buffers[name] = new_of[id(t)]
 
 
-def _pack_linears_amx(model: Transformer) -> None:
+def pack_linears_amx(model: nn.Module) -> None:
     """Pack each bf16 matrix the AMX kernel can take (N % 16 == 0, K % 32 == 0; the others keep the
     vdpbf16ps kernel) for good, so every forward, one token or a tree, runs the same kernel on it.
     A tied LM head gets its own packed copy (the embedding rows stay as they are for lookups)."""

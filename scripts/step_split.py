@@ -44,13 +44,14 @@ def main() -> None:
     add_run_arguments(ap, limit=1)
     ap.set_defaults(skip=12, temperature=0.7, top_p=0.9)  # held-out prompts, sampled
     ap.add_argument("--methods", default="ar,auto")
+    ap.add_argument("--draft-head", default=None, help="a trained head (fastdecode train-head): `auto` takes it as a member")
     args = ap.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     prompts, params = prompts_and_params(args)
-    llm = LLM(threads=args.threads, prefix_cache=False)
+    llm = LLM(threads=args.threads, prefix_cache=False, draft_head=args.draft_head)
     ids = [llm.apply_chat_template([{"role": "user", "content": p.turns[0]}]) for p in prompts]
     warm = llm.apply_chat_template([{"role": "user", "content": "Say hello in three languages."}])  # warm-up only
     drafters = {m: llm.new_drafter(m) for m in methods}
