@@ -453,14 +453,14 @@ def build_model(
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
     elif dtype == "bfloat16" and amx_bf16():
         pack_linears_amx(model)
-    _into_huge_pages(model)
+    into_huge_pages(model)
     return model.eval()
 
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 
 
-def _into_huge_pages(model: nn.Module) -> None:
+def into_huge_pages(model: nn.Module) -> None:
     """Move every parameter and buffer into one anonymous mapping advised for transparent huge
     pages (`madvise(MADV_HUGEPAGE)`; Linux grants them where THP is `always` or `madvise`, the
     usual default). Each forward streams all the weights (~320 MB for SmolLM2 in bf16): on 4 KB

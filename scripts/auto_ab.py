@@ -105,7 +105,7 @@ def main() -> None:
     llm = LLM(threads=args.threads)
     arms = [(text, *build(llm, parse_arm(text))) for text in args.arms]
     prompts, params = prompts_and_params(args)
-    stats = {text: defaultdict(lambda: [0.0, 0, 0]) for text, *_ in arms}  # category: seconds, tokens, steps
+    stats = {text: defaultdict(lambda: [0.0, 0, 0, 0]) for text, *_ in arms}  # category: seconds, tokens, steps, nodes
     for i, prompt in enumerate(prompts):
         first = None
         for text, method, drafter, budget in arms if i % 2 == 0 else arms[::-1]:
@@ -118,14 +118,16 @@ def main() -> None:
                 tokens.append(out.token_ids)
                 s = stats[text][prompt.category]
                 s[0], s[1], s[2] = s[0] + out.metrics.decode_s, s[1] + out.metrics.tokens - 1, s[2] + out.metrics.steps
+                s[3] += out.metrics.drafted
             first = first or tokens
             if tokens != first:
                 raise SystemExit(f"arm {text!r} differs from the others on prompt {prompt.prompt_id}")
     for text, *_ in arms:
         cats = stats[text]
-        seconds, tokens, steps = (sum(c[j] for c in cats.values()) for j in range(3))
+        seconds, tokens, steps, nodes = (sum(c[j] for c in cats.values()) for j in range(4))
         per = " ".join(f"{k[:5]} {c[1] / c[0]:.0f}/{c[1] / c[2]:.2f}" for k, c in cats.items())
-        print(f"{text:50s} tok/s {tokens / seconds:6.1f} tau {tokens / steps:.2f} step {seconds / steps * 1e3:.2f} ms | {per}")
+        print(f"{text:50s} tok/s {tokens / seconds:6.1f} tau {tokens / steps:.2f} step {seconds / steps * 1e3:.2f} ms "
+              f"nodes {nodes / steps:.2f} | {per}")
 
 
 if __name__ == "__main__":

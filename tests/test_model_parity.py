@@ -155,7 +155,7 @@ def test_build_model_moves_every_weight_into_one_huge_page_mapping(
     cfg, state, _ = load_checkpoint(str(folder))
     model = build_model(cfg, state, dtype, max_len=64)
     with monkeypatch.context() as m:
-        m.setattr(model_mod, "_into_huge_pages", lambda model: None)
+        m.setattr(model_mod, "into_huge_pages", lambda model: None)
         plain = build_model(cfg, state, dtype, max_len=64)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     reference = dict(plain.named_parameters()) | dict(plain.named_buffers())

@@ -33,7 +33,7 @@ from torch import nn
 from fastdecode.config import ModelConfig
 from fastdecode.drafters.base import DraftRequest, DrafterEnv, StepResult
 from fastdecode.kv_cache import KVCache
-from fastdecode.model import Block, Linear, RMSNorm, Transformer, fuse_hf_state, pack_linears_amx
+from fastdecode.model import Block, Linear, RMSNorm, Transformer, fuse_hf_state, into_huge_pages, pack_linears_amx
 from fastdecode.kernels import amx_bf16, attention_op
 from fastdecode.tree import DraftTree
 
@@ -108,6 +108,7 @@ def load_head(path: str | Path, target: Transformer, dtype: torch.dtype) -> Draf
     head.load_state_dict(weights, strict=True, assign=True)
     if dtype == torch.bfloat16 and amx_bf16():
         pack_linears_amx(head)  # as build_model packs the target's: the AMX kernel, ~0.35 ms less a call here
+    into_huge_pages(head)  # as the target's: its ~13 MB stream once a step
     return head.eval()
 
 
