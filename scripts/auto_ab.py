@@ -101,8 +101,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("arms", nargs="+")
     add_run_arguments(ap, limit=3)
+    ap.add_argument("--draft-head", default=None, help="a trained head (fastdecode train-head): `auto` takes it as a "
+                                                       "member (drop=head leaves it out)")
     args = ap.parse_args()
-    llm = LLM(threads=args.threads)
+    llm = LLM(threads=args.threads, draft_head=args.draft_head)
     arms = [(text, *build(llm, parse_arm(text))) for text in args.arms]
     prompts, params = prompts_and_params(args)
     stats = {text: defaultdict(lambda: [0.0, 0, 0, 0]) for text, *_ in arms}  # category: seconds, tokens, steps, nodes

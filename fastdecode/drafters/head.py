@@ -117,6 +117,7 @@ class HeadDrafter:
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         self.target, self.head, self.depth = target, head, depth
+        self.vocab = head.vocab.tolist()  # the head's logit columns -> token ids
         cfg = target.cfg
         self.cache = KVCache(1, cfg.num_kv_heads, cfg.head_dim, target.max_len, target.kv_dtype)
         self.pending: tuple[torch.Tensor, list[int], int] | None = None  # (hidden rows, next tokens, first position)
@@ -150,8 +151,7 @@ class HeadDrafter:
             return DraftTree()
         if self.cache.length + len(tokens) + self.depth * FRONTIER > self.cache.max_len:
             self.cache.truncate(0)  # the head's cache is full: its context starts again
-        positions = list(range(first, first + len(tokens)))
-        states = self._run(self.target.norm(hidden), tokens, positions, None)
+        states = self._run(self.target.norm(hidden), tokens, slice(first, first + len(tokens)), None)
         self.cache.append(len(tokens))
         committed = self.cache.length
         try:
@@ -159,11 +159,11 @@ class HeadDrafter:
         finally:
             self.cache.truncate(committed)
 
-    def _run(self, feats: torch.Tensor, tokens: list[int], positions: list[int],
+    def _run(self, feats: torch.Tensor, tokens: list[int], positions: slice | list[int],
              mask: torch.Tensor | None) -> torch.Tensor:
-        embeds = self.target.embed(torch.tensor(tokens)).float()
-        rot = self.target.rope[torch.tensor(positions)]
-        self.cache.check_room(len(positions))
+        embeds = self.target.embed.weight[tokens].float()
+        rot = self.target.rope[positions]  # a slice of consecutive positions is a view
+        self.cache.check_room(len(tokens))
         return self.head(feats, embeds, rot, self.cache, mask)
 
     def _expand(self, root_state: torch.Tensor, budget: int) -> DraftTree:
@@ -178,6 +178,9 @@ class HeadDrafter:
         frontier, states = [-1], root_state  # nodes whose guessed states are `states`' rows; -1 = root
         committed = self.cache.length
         last = min(self.depth, budget)
+        if last == 1:  # one depth (the default): the root's likeliest children, best first
+            top = torch.topk(self.head.logits(states), min(TOP_K, budget, len(self.vocab))).indices[0].tolist()
+            return DraftTree([self.vocab[i] for i in top], [-1] * len(top))
         for depth in range(1, last + 1):
             probs = torch.softmax(self.head.logits(states), -1)
             top_p, top_i = probs.topk(min(TOP_K, probs.shape[-1]), -1)
