@@ -52,7 +52,7 @@ import torch
 __all__ = [
     "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
-    "race_order_op", "recycle_update_op", "aded_table",
+    "race_order_op", "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -232,6 +232,21 @@ def race_order_op() -> Callable[..., list[int]] | None:
     (csrc/sampling.cpp; drafters/recycling.py), or None."""
     ops = _load()
     return None if ops is None else ops.race_order
+
+
+def race_orders_op() -> Callable[..., list[int]] | None:
+    """The raw op `(successors, logits, tokens, indices, temperature, top_k, top_p, seed) -> orders`:
+    `race_order_op` for each (token, index) pair in one call, the orders concatenated, or None."""
+    ops = _load()
+    return None if ops is None else ops.race_orders
+
+
+def recycle_propose_op() -> Callable[..., tuple[list[int], list[int]]] | None:
+    """The raw op `(successors, logits, template parents, template ranks, root, temperature (0:
+    greedy), top_k, top_p, seed, count) -> (tokens, parents)`: Token Recycling's template walk
+    (csrc/sampling.cpp; drafters/recycling.py), or None."""
+    ops = _load()
+    return None if ops is None else ops.recycle_propose
 
 
 def aded_table(top_m: int, c_puct: float, max_depth: int) -> Any:

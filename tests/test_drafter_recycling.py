@@ -9,7 +9,7 @@ import torch
 from fastdecode import SamplingParams
 from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template, model_successors
-from fastdecode.kernels import race_order_op
+from fastdecode.kernels import race_order_op, recycle_propose_op
 from fastdecode.sampling import Sampler
 from fastdecode.tree import DraftTree
 
@@ -260,9 +260,42 @@ def test_native_race_order_equals_numpy(temperature: float, top_k: int, top_p: f
     sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=2**63 + 5), [], VOCAB)
     drafter.begin([0], DraftRequest(sampler, None))
     native = [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
+    assert drafter._race_orders([(token, index) for token in range(VOCAB) for index in (0, 3)]) == native  # batched
     monkeypatch.setattr("fastdecode.drafters.recycling.race_order_op", lambda: None)
     assert native == [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
     assert len({tuple(order) for order in native}) >= 5  # the orders differ: the test compares something
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 3, 1.0), (1.0, 8, 0.99)])
+def test_native_walk_equals_python(temperature: float, top_k: int, top_p: float, monkeypatch) -> None:
+    """propose() by recycle_propose and by the Python loop: the same trees, greedy and sampled, over
+    a table with unknown successors (dead branches) and templates of several budgets."""
+    assert recycle_propose_op() is not None, "the fastdecode kernels failed to build"
+    rng = np.random.default_rng(3)
+    drafter = TokenRecycling(VOCAB, k=8)
+    for token in range(VOCAB):
+        known = rng.integers(0, 9) if token % 4 else 8
+        drafter.successors[token, :known] = rng.permutation(VOCAB)[:known]
+        drafter.logits[token] = np.sort(rng.normal(0, 2, 8))[::-1]
+    drafter.rank_hits[:] = rng.uniform(0, 50, 8)  # a template less regular than the prior's
+    drafter.rank_trials = 60
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=11), [], VOCAB)
+    drafter.begin([0], DraftRequest(sampler, None))
+    cases = [(root, budget, count) for root in range(0, VOCAB, 3) for budget in (1, 5, 24) for count in (0, 7)]
+
+    def trees() -> list[tuple[list[int], list[int]]]:
+        out = []
+        for root, budget, count in cases:
+            sampler.count = count
+            tree = drafter.propose([root], budget)
+            out.append((tree.tokens, tree.parents))
+        return out
+
+    native = trees()
+    monkeypatch.setattr("fastdecode.drafters.recycling.recycle_propose_op", lambda: None)
+    assert native == trees()
+    assert sum(len(t) for t, _ in native) > 2 * len(cases)  # the walks go somewhere
+    assert any(len(t) < budget for (t, _), (_, budget, _) in zip(native, cases))  # and some branches die
 
 
 def test_model_table_is_each_tokens_successors_after_the_prefix(tiny_llm) -> None:

@@ -6,7 +6,8 @@
 // Registered as torch.ops.fastdecode_kernels.race_pick (the race over given probabilities) and
 // sample_row (the logits processors and the race in one call, what Sampler uses); also top_k_rows
 // (the k largest logits of each row, a step's one pass over its logits: the greedy walk's argmax
-// and the drafters'), recycle_update (Token Recycling's table update) and race_order, below.
+// and the drafters'), recycle_update (Token Recycling's table update), race_order and recycle_propose
+// (its walk), below.
 //
 // Why native: over a whole vocabulary (temperature 1 without top-k/top-p, the API's default) the
 // numpy draw took ~2 ms a token. Here the hash costs a few ns per token and most logs are skipped:
@@ -442,21 +443,18 @@ void recycle_update(at::Tensor& successors, at::Tensor& logits, at::Tensor& scor
   for (size_t i = 0; i < accepted.size(); ++i) write(acc[i]);
 }
 
-// Token Recycling under sampling (drafters/recycling.py, `_race`, which this equals): the order in
-// which the race at output `index` would pick the stored successors of `token` if the target's
-// distribution were softmax(logits / temperature) over them, cut to the first top_k and to the
-// top_p nucleus in stored order (largest first); unknown successors (-1) and those cut go last.
-// successors [V, k] int32, logits [V, k] float32. In numpy this cost ~26 us a call.
-std::vector<int64_t> race_order(const at::Tensor& successors, const at::Tensor& logits, int64_t token,
-                                double temperature, int64_t top_k, double top_p, int64_t seed, int64_t index) {
+namespace {
+
+void check_table(const at::Tensor& successors, const at::Tensor& logits, double temperature) {
   TORCH_CHECK(successors.dim() == 2 && successors.scalar_type() == at::kInt && successors.is_contiguous() &&
                   logits.sizes() == successors.sizes() && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "successors must be int32 [V, k] and logits float32 [V, k], both contiguous");
-  const int64_t k = successors.size(1);
-  TORCH_CHECK(token >= 0 && token < successors.size(0), "token ", token, " is outside [0, ", successors.size(0), ")");
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  const int32_t* s = successors.data_ptr<int32_t>() + token * k;
-  const float* x = logits.data_ptr<float>() + token * k;
+}
+
+// race_order's work on one row: s, x = the row's k successors and logits.
+std::vector<int64_t> row_race_order(const int32_t* s, const float* x, int64_t k, double temperature, int64_t top_k,
+                                    double top_p, int64_t seed, int64_t index) {
   std::vector<int64_t> order(k);
   for (int64_t i = 0; i < k; ++i) order[i] = i;
   double top = -std::numeric_limits<double>::infinity();
@@ -481,11 +479,101 @@ std::vector<int64_t> race_order(const at::Tensor& successors, const at::Tensor& 
   return order;
 }
 
+}  // namespace
+
+// Token Recycling under sampling (drafters/recycling.py, `_race`, which this equals): the order in
+// which the race at output `index` would pick the stored successors of `token` if the target's
+// distribution were softmax(logits / temperature) over them, cut to the first top_k and to the
+// top_p nucleus in stored order (largest first); unknown successors (-1) and those cut go last.
+// successors [V, k] int32, logits [V, k] float32. In numpy this cost ~26 us a call.
+std::vector<int64_t> race_order(const at::Tensor& successors, const at::Tensor& logits, int64_t token,
+                                double temperature, int64_t top_k, double top_p, int64_t seed, int64_t index) {
+  check_table(successors, logits, temperature);
+  const int64_t k = successors.size(1);
+  TORCH_CHECK(token >= 0 && token < successors.size(0), "token ", token, " is outside [0, ", successors.size(0), ")");
+  return row_race_order(successors.data_ptr<int32_t>() + token * k, logits.data_ptr<float>() + token * k, k,
+                        temperature, top_k, top_p, seed, index);
+}
+
+// race_order for several (token, index) pairs in one call, the orders one after the other (k each).
+std::vector<int64_t> race_orders(const at::Tensor& successors, const at::Tensor& logits, c10::IntArrayRef tokens,
+                                 c10::IntArrayRef indices, double temperature, int64_t top_k, double top_p,
+                                 int64_t seed) {
+  check_table(successors, logits, temperature);
+  TORCH_CHECK(tokens.size() == indices.size(), "race_orders: ", tokens.size(), " tokens but ", indices.size(), " indices");
+  const int64_t V = successors.size(0), k = successors.size(1);
+  std::vector<int64_t> out;
+  out.reserve(tokens.size() * k);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < V, "token ", tokens[i], " is outside [0, ", V, ")");
+    const std::vector<int64_t> order = row_race_order(successors.data_ptr<int32_t>() + tokens[i] * k,
+                                                      logits.data_ptr<float>() + tokens[i] * k, k, temperature, top_k,
+                                                      top_p, seed, indices[i]);
+    out.insert(out.end(), order.begin(), order.end());
+  }
+  return out;
+}
+
+// Token Recycling's propose (drafters/recycling.py, `propose`, which this equals): walk the
+// template (node i: its parent template node `parents[i]`, -1 for the root, and its successor rank
+// `ranks[i]`) from `root` through the successor table; a node lives if its parent did and its
+// successor is known. Under sampling (temperature > 0) a rank is read in the race order of the
+// parent's successors at the child's output index (count + depth - 1), each (token, index) order
+// computed once. Returns the live nodes' tokens and parents (draft indices, -1 = root). Why: the
+// walk in Python called race_order ~10 times a sampled step, ~6 us each with the call (in place,
+// 24-node templates), most of it the call.
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> recycle_propose(
+    const at::Tensor& successors, const at::Tensor& logits, c10::IntArrayRef parents, c10::IntArrayRef ranks,
+    int64_t root, double temperature, int64_t top_k, double top_p, int64_t seed, int64_t count) {
+  const bool sampled = temperature > 0;
+  check_table(successors, logits, sampled ? temperature : 1.0);
+  TORCH_CHECK(parents.size() == ranks.size(), "recycle_propose: ", parents.size(), " parents but ", ranks.size(), " ranks");
+  const int64_t V = successors.size(0), k = successors.size(1);
+  TORCH_CHECK(root >= 0 && root < V, "root ", root, " is outside [0, ", V, ")");
+  const int32_t* table = successors.data_ptr<int32_t>();
+  const float* x = logits.data_ptr<float>();
+  const int64_t n = static_cast<int64_t>(parents.size());
+  std::vector<int64_t> token_of(n), index_of(n), depth_of(n), tokens, out_parents;
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> orders;  // ((token, index), order)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t parent = parents[i];
+    TORCH_CHECK(parent >= -1 && parent < i, "recycle_propose: node ", i, "'s parent ", parent, " does not come before it");
+    TORCH_CHECK(ranks[i] >= 0 && ranks[i] < k, "recycle_propose: rank ", ranks[i], " is outside [0, ", k, ")");
+    const int64_t parent_token = parent < 0 ? root : token_of[parent];
+    depth_of[i] = parent < 0 ? 1 : depth_of[parent] + 1;
+    int64_t rank = ranks[i];
+    if (parent_token >= 0 && sampled) {
+      const std::pair<int64_t, int64_t> key(parent_token, count + depth_of[i] - 1);
+      auto it = std::find_if(orders.begin(), orders.end(), [&](const auto& e) { return e.first == key; });
+      if (it == orders.end()) {
+        orders.emplace_back(key, row_race_order(table + parent_token * k, x + parent_token * k, k, temperature, top_k,
+                                                top_p, seed, key.second));
+        it = orders.end() - 1;
+      }
+      rank = it->second[rank];
+    }
+    const int64_t token = parent_token < 0 ? -1 : table[parent_token * k + rank];
+    token_of[i] = token;
+    if (token < 0) {
+      index_of[i] = -1;
+      continue;
+    }
+    index_of[i] = static_cast<int64_t>(tokens.size());
+    tokens.push_back(token);
+    out_parents.push_back(parent < 0 ? -1 : index_of[parent]);
+  }
+  return {tokens, out_parents};
+}
+
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("race_order(Tensor successors, Tensor logits, int token, float temperature, int top_k, float top_p, "
         "int seed, int index) -> int[]");
+  m.def("race_orders(Tensor successors, Tensor logits, int[] tokens, int[] indices, float temperature, int top_k, "
+        "float top_p, int seed) -> int[]");
+  m.def("recycle_propose(Tensor successors, Tensor logits, int[] parents, int[] ranks, int root, float temperature, "
+        "int top_k, float top_p, int seed, int count) -> (int[], int[])");
   m.def("race_pick(Tensor probs, int seed, int index) -> int");
   m.def("top_k_rows(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("recycle_update(Tensor(a!) successors, Tensor(b!) logits, Tensor(c!) scored, int[] rows, Tensor top, "
@@ -499,5 +587,7 @@ TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("top_k_rows", &fastdecode::top_k_rows);
   m.impl("recycle_update", &fastdecode::recycle_update);
   m.impl("race_order", &fastdecode::race_order);
+  m.impl("recycle_propose", &fastdecode::recycle_propose);
+  m.impl("race_orders", &fastdecode::race_orders);
   m.impl("sample_row", &fastdecode::sample_row);
 }
