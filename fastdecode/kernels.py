@@ -52,11 +52,11 @@ import torch
 __all__ = [
     "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
-    "race_order_op", "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table",
+    "race_order_op", "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table", "auto_core",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_bf16_amx.cpp", "linear_q.cpp", "attention.cpp", "attention_512.cpp", "layer.cpp", "sampling.cpp", "aded.cpp")]
+_SOURCES = [_CSRC / name for name in ("linear_bf16.cpp", "linear_bf16_512.cpp", "linear_bf16_amx.cpp", "linear_q.cpp", "attention.cpp", "attention_512.cpp", "layer.cpp", "sampling.cpp", "aded.cpp", "auto.cpp")]
 _HEADERS = [_CSRC / "kernels.h", _CSRC / "avx512.h"]
 _EXTENSION_NAME = "fastdecode_kernels"
 
@@ -254,6 +254,15 @@ def aded_table(top_m: int, c_puct: float, max_depth: int) -> Any:
     drafters/aded.py), or None when the kernels are unavailable."""
     ops = _load()
     return None if ops is None else torch.classes.fastdecode_kernels.AdedTable(top_m, c_puct, max_depth)
+
+
+def auto_core(base_rate: float, prior_weight: float, max_trials: float, max_rank: int, max_agree: int,
+              max_seen: int) -> Any:
+    """A new native core of `auto` (csrc/auto.cpp: its merge, node scores and statistics), or None
+    when the kernels are unavailable."""
+    ops = _load()
+    return None if ops is None else torch.classes.fastdecode_kernels.AutoCore(
+        base_rate, prior_weight, max_trials, max_rank, max_agree, max_seen)
 
 
 def layer_ops() -> Any:

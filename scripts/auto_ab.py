@@ -7,7 +7,8 @@ suffix_min_score and suffix_depth (auto's suffix member, or `suffix` itself), re
 (StepCost.REFIT_EVERY of auto), drop (auto's members to leave out, joined by `,`), cap (nodes a
 member of auto may propose at most, `member:n` joined by `,`), probe (auto's probe_every: 0 never
 drafts half its size to see far sizes' costs), seen (0: auto's statistics not keyed by whether the
-context holds a node's trigram). `--skip 10`
+context holds a node's trigram), native (0: auto's merge and statistics in Python, not
+csrc/auto.cpp). `--skip 10`
 runs prompts the benchmark's first 10 a category leave out. For example, the A/B behind the AMX
 budget of `auto`:
 
@@ -23,7 +24,7 @@ from fastdecode import LLM, SamplingParams
 from fastdecode.bench.data import DEFAULT_HUMANEVAL, DEFAULT_SPEC_BENCH, load_prompts
 from fastdecode.drafters.suffix import SuffixTrie
 
-KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap", "probe", "seen")
+KEYS = ("method", "budget", "suffix_min_score", "suffix_depth", "refit", "drop", "cap", "probe", "seen", "native")
 
 
 def parse_arm(text: str) -> dict[str, str]:
@@ -73,6 +74,11 @@ def build(llm: LLM, arm: dict[str, str]):
         if method != "auto" or arm["seen"] not in ("0", "1"):
             raise SystemExit(f"seen={arm['seen']!r}: auto's switch, 0 or 1, not {method!r}'s")
         drafter.use_seen = arm["seen"] == "1"
+    if "native" in arm:
+        if method != "auto" or arm["native"] not in ("0", "1"):
+            raise SystemExit(f"native={arm['native']!r}: auto's switch, 0 or 1, not {method!r}'s")
+        if arm["native"] == "0":
+            drafter._core = None  # the Python merge and statistics (fresh: no step has run yet)
     return method, drafter, int(arm.get("budget", llm.budget(method)))
 
 

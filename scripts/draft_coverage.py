@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+import fastdecode.drafters.auto as auto_module
 from auto_ab import add_run_arguments, prompts_and_params  # scripts/ is on the path when run as a script
 from fastdecode import LLM
 from fastdecode.drafters.auto import AutoDrafter
@@ -47,6 +48,7 @@ def main() -> None:
         update(self, step)
 
     AutoDrafter._merge, AutoDrafter.update = recording_merge, recording_update
+    auto_module.auto_core = lambda *settings: None  # the Python merge, which this wraps, not csrc/auto.cpp's
     llm = LLM(threads=args.threads)
     prompts, params = prompts_and_params(args)
     for prompt in prompts:

@@ -34,7 +34,7 @@ class Recording(AutoDrafter):
     (context length, [(path, score, parent index, conditional rate, trigram count)])."""
 
     def __init__(self, members: dict, cost, member_budget: int | None) -> None:
-        super().__init__(members, cost)
+        super().__init__(members, cost, native=False)  # the Python merge, which this wraps
         self.member_budget, self.steps = member_budget, []
 
     def _merge(self, context, budget):

@@ -1,6 +1,7 @@
 """The auto hybrid: merges member trees into one valid tree, sized by expected tokens per unit cost."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,28 +30,34 @@ class Fixed:
         return None
 
 
+@pytest.fixture(params=[False, True], ids=["python", "native"])
+def native(request) -> bool:
+    """Each behaviour test runs on the Python code and on csrc/auto.cpp."""
+    return request.param
+
+
 def _linear_cost(slope: float):
     return lambda n: 1.0 + slope * (n - 1)
 
 
-def test_merged_tree_shares_common_prefixes_and_respects_the_budget() -> None:
+def test_merged_tree_shares_common_prefixes_and_respects_the_budget(native: bool) -> None:
     a = Fixed(DraftTree.chain([5, 6, 7]))
     b = Fixed(DraftTree([5, 9, 8], [-1, 0, -1]))  # 5 -> 9, and 8
-    auto = AutoDrafter({"a": a, "b": b}, _linear_cost(0.0))  # free forwards: take everything
+    auto = AutoDrafter({"a": a, "b": b}, _linear_cost(0.0), native=native)  # free forwards: take everything
     tree = auto.propose([1, 2], budget=16)
     assert sorted(tree.paths()) == [[5, 6, 7], [5, 9], [8]]
     assert len(tree) == 5
     assert len(auto.propose([1, 2], budget=2)) == 2
 
 
-def test_expensive_forwards_shrink_the_tree_to_nothing() -> None:
-    auto = AutoDrafter({"a": Fixed(DraftTree.chain([5, 6, 7]))}, _linear_cost(5.0))
+def test_expensive_forwards_shrink_the_tree_to_nothing(native: bool) -> None:
+    auto = AutoDrafter({"a": Fixed(DraftTree.chain([5, 6, 7]))}, _linear_cost(5.0), native=native)
     assert len(auto.propose([1], budget=8)) == 0
 
 
-def test_observed_acceptance_raises_scores_and_tree_size() -> None:
+def test_observed_acceptance_raises_scores_and_tree_size(native: bool) -> None:
     member = Fixed(DraftTree.chain([5, 6, 7, 8]))
-    auto = AutoDrafter({"a": member}, _linear_cost(0.3))
+    auto = AutoDrafter({"a": member}, _linear_cost(0.3), native=native)
     first = len(auto.propose([1], budget=8))
     for _ in range(30):  # every node accepted, every time
         tree = auto.propose([1], budget=8)
@@ -61,11 +68,11 @@ def test_observed_acceptance_raises_scores_and_tree_size() -> None:
     assert auto.rate(("a", 1, 0, 1, 0)) > 0.8  # (member, depth, sibling rank, members agreeing, seen)
 
 
-def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on() -> None:
+def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on(native: bool) -> None:
     """Agreed nodes always accepted, lone ones never: pooled, both would score ~1/2 and a
     half-priced node would be drafted either way; apart, only an agreed node is."""
     a, b = Fixed(DraftTree.chain([5])), Fixed(DraftTree.chain([5]))
-    auto = AutoDrafter({"a": a, "b": b}, _linear_cost(0.0))  # free nodes while it learns: every one drafted
+    auto = AutoDrafter({"a": a, "b": b}, _linear_cost(0.0), native=native)  # free nodes while it learns: every one drafted
     auto.step_cost.observe = lambda nodes, seconds: None  # the given costs, not this test's timings
     for step in range(40):
         b.tree = DraftTree.chain([5 if step % 2 else 7])  # agrees with a every other step
@@ -82,11 +89,11 @@ def test_acceptance_is_counted_apart_for_nodes_several_members_agree_on() -> Non
     assert auto.propose([1], budget=4).tokens == []
 
 
-def test_acceptance_is_counted_apart_for_nodes_whose_trigram_the_context_holds() -> None:
+def test_acceptance_is_counted_apart_for_nodes_whose_trigram_the_context_holds(native: bool) -> None:
     """A node whose last three tokens (with the context's) already occur in the request's context
     is far likelier right: the statistics keep such nodes apart (`seen`: 0, 1, 2 or more)."""
     a = Fixed(DraftTree.chain([5]))
-    auto = AutoDrafter({"a": a}, _linear_cost(0.0))
+    auto = AutoDrafter({"a": a}, _linear_cost(0.0), native=native)
     auto.step_cost.observe = lambda nodes, seconds: None
     seen, unseen = [9, 8, 5, 9, 8], [9, 7, 5, 9, 8]  # (9, 8) then 5 occurs in the first only
     for step in range(40):
@@ -104,7 +111,7 @@ def test_acceptance_is_counted_apart_for_nodes_whose_trigram_the_context_holds()
     auto.begin(seen)
     auto.propose(seen, budget=4)
     auto.propose(seen + [5, 9, 8], budget=4)  # the request's next step: only the new tokens are counted
-    assert auto._trigrams[(9, 8, 5)] == 2 and auto._trigrams[(8, 5, 9)] == 2
+    assert auto.trigram_count(9, 8, 5) == 2 and auto.trigram_count(8, 5, 9) == 2
 
 
 def test_cost_curve_interpolates_and_extrapolates() -> None:
@@ -255,3 +262,60 @@ def test_auto_probes_half_its_size_and_leaves_an_oversized_start_fast() -> None:
     unprobed = AutoDrafter({"a": Fixed(chain)}, _linear_cost(0.0))
     unprobed.probe_every = 0
     assert sorted(_run_chain(unprobed, 160, lambda k: 0.01 * (1 + 0.03 * k))[96:])[32] >= 8  # still creeping
+
+
+class Random:
+    """A member proposing a random tree of up to `budget` nodes over a small vocabulary, so the
+    members' trees overlap (agreement) and repeat the context's trigrams (seen)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def begin(self, prompt_ids: list[int], request=None) -> None:
+        return None
+
+    def propose(self, context: list[int], budget: int) -> DraftTree:
+        n = int(self.rng.integers(0, budget + 1))
+        parents = [int(self.rng.integers(-1, i)) if i else -1 for i in range(n)]
+        return DraftTree(self.rng.integers(0, 6, n).tolist(), parents)
+
+    def update(self, step: StepResult) -> None:
+        return None
+
+    def end(self, output_ids: list[int]) -> None:
+        return None
+
+
+def test_native_core_equals_the_python_code() -> None:
+    """csrc/auto.cpp against the Python code over 300 steps of random member trees (the two
+    drafters' members seeded alike, so they propose the same trees), random verifications and
+    growing contexts: the same tree every step, the same statistics at the end."""
+    drafters = [AutoDrafter({f"m{i}": Random(i) for i in range(3)}, _linear_cost(0.02), native=native)
+                for native in (False, True)]
+    for auto in drafters:
+        auto.step_cost.observe = lambda nodes, seconds: None  # sizes from the given costs, not timings
+    rng = np.random.default_rng(7)
+    nodes = 0
+    for request in range(6):
+        context = rng.integers(0, 6, 12).tolist()
+        for auto in drafters:
+            auto.begin(context)
+        for step in range(50):
+            budget = int(rng.integers(0, 20))
+            python_tree, native_tree = (auto.propose(context, budget) for auto in drafters)
+            assert (native_tree.tokens, native_tree.parents) == (python_tree.tokens, python_tree.parents)
+            nodes += len(python_tree)
+            rows, node = [0], -1  # a verification: from the root, maybe one child a node, down a path
+            while True:
+                children = [i for i, p in enumerate(python_tree.parents) if p == node]
+                if not children or rng.random() < 0.35:
+                    break
+                node = children[int(rng.integers(0, len(children)))]
+                rows.append(node + 1)
+            emitted = [python_tree.tokens[r - 1] for r in rows[1:]] + [int(rng.integers(0, 6))]
+            result = StepResult(context[-1], python_tree, torch.zeros(len(python_tree) + 1, 6), rows, emitted)
+            for auto in drafters:
+                auto.update(result)
+            context = context + emitted
+    assert nodes > 500  # the trees were not empty
+    assert drafters[1].stats == drafters[0].stats and len(drafters[0].stats) > 20

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastdecode.drafters.base import DraftRequest, Drafter, StepResult
+from fastdecode.kernels import auto_core
 from fastdecode.tree import DraftTree
 
 BASE_RATE = 1 / 3  # prior conditional acceptance of a depth-1 node nobody has seen yet
@@ -146,16 +147,24 @@ class _Node:
 
 
 class AutoDrafter:
-    def __init__(self, members: dict[str, Drafter], cost: Callable[[int], float]) -> None:
+    def __init__(self, members: dict[str, Drafter], cost: Callable[[int], float], native: bool | None = None) -> None:
+        """native: the merge, scores and statistics in csrc/auto.cpp (None: when the kernels are
+        built; True raises without them). Scripts that wrap _merge or _propose pass False."""
         self.members = members
         self.step_cost = StepCost(cost)
-        self.stats: dict[tuple[str, int, int, int], list[float]] = {}
-        self._rates: dict[tuple[str, int, int, int], float] = {}  # rate(), until the next update
+        self._core = None if native is False else auto_core(BASE_RATE, PRIOR_WEIGHT, MAX_TRIALS, MAX_RANK, MAX_AGREE,
+                                                             MAX_SEEN)
+        if native and self._core is None:
+            raise ValueError("native=True needs the fastdecode kernels, which are unavailable here")
+        self._member_ids: dict[str, int] = {}  # the native core's member numbers
+        self._core_length = 0  # context tokens the native core has counted
+        self._stats: dict[tuple[str, int, int, int, int], list[float]] = {}  # Python's statistics (not native)
+        self._rates: dict[tuple[str, int, int, int, int], float] = {}  # rate(), until the next update
         self._chosen: list[tuple[_Node, int]] = []  # the last tree's nodes with their tree-local parents
         self._last: tuple[int, float] | None = None  # (nodes, start time) of the step under way
         self._steps = 0
         self.probe_every = PROBE_EVERY  # 0: never probe (A/B scripts)
-        self.use_seen = True  # False: every node's seen is 0 (A/B scripts)
+        self._use_seen = True
         self._trigrams: dict[tuple[int, int, int], int] = {}  # the request's context: trigram -> count
         self._scanned = 0  # context tokens whose trigrams are counted
 
@@ -164,6 +173,9 @@ class AutoDrafter:
         self.step_cost.new_request()
         self._trigrams.clear()
         self._scanned = 0
+        if self._core is not None:
+            self._core.begin()
+            self._core_length = 0
         for member in self.members.values():
             member.begin(prompt_ids, request)
 
@@ -171,17 +183,45 @@ class AutoDrafter:
         for member in self.members.values():
             member.end(output_ids)
 
-    def rate(self, key: tuple[str, int, int, int]) -> float:
+    @property
+    def use_seen(self) -> bool:
+        """False: every node's seen is 0 (A/B scripts)."""
+        return self._use_seen
+
+    @use_seen.setter
+    def use_seen(self, on: bool) -> None:
+        self._use_seen = on
+        if self._core is not None:
+            self._core.set_use_seen(on)
+
+    @property
+    def stats(self) -> dict[tuple[str, int, int, int, int], list[float]]:
+        """(member, depth, sibling rank, agreement, seen) -> [hits, trials] (native: a copy)."""
+        if self._core is None:
+            return self._stats
+        names = {i: name for name, i in self._member_ids.items()}
+        return {(names[int(m)], int(d), int(r), int(a), int(e)): [h, t] for m, d, r, a, e, h, t in self._core.stats_rows()}
+
+    def rate(self, key: tuple[str, int, int, int, int]) -> float:
         """Conditional acceptance of a node given its parent was accepted. The prior of depth d is
         the rate at depth d - 1, so deep nodes of a member that is usually right get tried.
         Memoized until the next update (a step scores ~15 nodes, each through its depths)."""
+        if self._core is not None:
+            name, *rest = key
+            return self._core.rate(self._member_id(name), *rest)
         rate = self._rates.get(key)
         if rate is None:
             name, depth, rank, agree, seen = key
             prior = BASE_RATE if depth <= 1 else self.rate((name, depth - 1, rank, agree, seen))
-            hits, trials = self.stats.get(key, (0.0, 0.0))
+            hits, trials = self._stats.get(key, (0.0, 0.0))
             rate = self._rates[key] = (hits + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
         return rate
+
+    def _member_id(self, name: str) -> int:
+        member = self._member_ids.get(name)
+        if member is None:
+            member = self._member_ids[name] = len(self._member_ids)
+        return member
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         now = time.perf_counter()
@@ -192,6 +232,20 @@ class AutoDrafter:
         return tree
 
     def _propose(self, context: list[int], budget: int) -> DraftTree:
+        core = self._core
+        if core is not None:  # the same merge, scores and ranking in one native object
+            ids, sizes, tokens, parents = [], [], [], []
+            for name, member in self.members.items():
+                tree = member.propose(context, budget)
+                ids.append(self._member_id(name))
+                sizes.append(len(tree.tokens))
+                tokens += tree.tokens
+                parents += tree.parents
+            if len(context) > self._core_length:
+                core.extend(context[self._core_length:])
+                self._core_length = len(context)
+            scores = core.score(ids, sizes, tokens, parents, budget)
+            return DraftTree(*core.take(self.choose_size(scores)))
         nodes = self._merge(context, budget)
         rates, scores = self._rates, []
         for node in nodes:  # parents come first
@@ -260,6 +314,12 @@ class AutoDrafter:
                 out.append(counts.get((tokens[grand] if grand >= 0 else last[1], tokens[parent], token), 0))
         return out
 
+    def trigram_count(self, a: int, b: int, c: int) -> int:
+        """How often the request's context, as counted so far, holds (a, b, c)."""
+        if self._core is not None:
+            return self._core.trigram_count(a, b, c)
+        return self._trigrams.get((a, b, c), 0)
+
     def _count_trigrams(self, context: list[int]) -> dict[tuple[int, int, int], int]:
         """The request's trigram counts, brought up to `context` (its prompt and output so far)."""
         counts = self._trigrams
@@ -295,6 +355,9 @@ class AutoDrafter:
     def update(self, step: StepResult) -> None:
         for member in self.members.values():
             member.update(step)
+        if self._core is not None:
+            self._core.update(step.accepted_rows)
+            return
         self._rates.clear()
         accepted = set(step.accepted_rows)
         for i, (node, parent) in enumerate(self._chosen):
@@ -302,7 +365,7 @@ class AutoDrafter:
                 continue  # never had a chance
             hit = float(i + 1 in accepted)
             for key in node.keys:
-                stat = self.stats.setdefault(key, [0.0, 0.0])
+                stat = self._stats.setdefault(key, [0.0, 0.0])
                 stat[0] += hit
                 stat[1] += 1.0
                 if stat[1] > MAX_TRIALS:
