@@ -107,9 +107,12 @@ void write_entries(const float* src, int64_t width, const float* rot, float* K, 
 
 namespace fastdecode {
 
-at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
-                     int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
-                     int64_t kv_heads) {
+namespace {
+
+// attention's body; out_bf16 (a bf16 cache only): the output rounded to bf16 too, by the core's tasks.
+at::Tensor run_attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
+                         int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
+                         int64_t kv_heads, at::Tensor* out_bf16) {
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "heads = ", heads,
               " must be a positive multiple of kv_heads = ", kv_heads);
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.is_cpu(),
@@ -149,9 +152,15 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
     uint16_t* Kb = reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()) + offset;
     uint16_t* Vb = reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()) + offset;
     write_entries_bf16(src, width, r, Kb, Vb, head_stride, n, length, heads, kv_heads, hd);
-    attention_512(src, width, r, Kb, Vb, head_stride, m, o, n, length, heads, kv_heads, hd);
+    uint16_t* ob = nullptr;
+    if (out_bf16 != nullptr) {
+      *out_bf16 = at::empty({n, heads * hd}, qkv.options().dtype(at::kBFloat16));
+      ob = reinterpret_cast<uint16_t*>(out_bf16->data_ptr<at::BFloat16>());
+    }
+    attention_512(src, width, r, Kb, Vb, head_stride, m, o, n, length, heads, kv_heads, hd, ob);
     return out;
   }
+  TORCH_CHECK(out_bf16 == nullptr, "attention_rounded needs a bfloat16 cache");
   float* K = cache_k.data_ptr<float>() + offset;
   float* V = cache_v.data_ptr<float>() + offset;
   write_entries(src, width, r, K, V, head_stride, n, length, heads, kv_heads, hd);
@@ -243,6 +252,22 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
         }
     }
   });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t layer,
+                     int64_t length, const at::Tensor& rot, const std::optional<at::Tensor>& mask, int64_t heads,
+                     int64_t kv_heads) {
+  return run_attention(qkv, cache_k, cache_v, layer, length, rot, mask, heads, kv_heads, nullptr);
+}
+
+at::Tensor attention_rounded(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                             int64_t layer, int64_t length, const at::Tensor& rot,
+                             const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads) {
+  at::Tensor out;
+  run_attention(qkv, cache_k, cache_v, layer, length, rot, mask, heads, kv_heads, &out);
   return out;
 }
 

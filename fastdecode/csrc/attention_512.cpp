@@ -461,7 +461,8 @@ inline float position_sum(__m512 lanes, const float* rest, int64_t k) {
 
 template <int C, typename T>
 void core(const float* src, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
-          const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads) {
+          const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
+          uint16_t* out_bf16) {
   constexpr int64_t hd = 16 * C;
   constexpr int Q = C <= 4 ? 4 : 2;  // queries per weighted_sums call: 4 x C accumulators
   const int64_t total = length + n, group = heads / kv_heads;
@@ -589,6 +590,8 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
         pair_values<C>(pb.data(), pstride, sums.data(), visible.data(), mask, t0, nt, nq, length, total, Vg,
                        base.data(), gathered.data(), ngathered.data(), n + 2, acc.data(), outs.data(), amx,
                        ends.data());
+        if (out_bf16 != nullptr)  // the task's rows, while they are in L1
+          for (int64_t a = 0; a < nq; ++a) fastdecode::round_bf16_512(outs[a], out_bf16 + (outs[a] - out), hd);
         continue;
       }
       for (int64_t a = 0; a < nq; ++a) {  // p / sum (a row with nothing visible stays zeros)
@@ -610,6 +613,8 @@ void core(const float* src, int64_t width, const float* rot, const T* K, const T
           default: weighted_sums<C, Q, T>(pa, len, Vg, oa); break;
         }
       }
+      if (out_bf16 != nullptr)
+        for (int64_t a = 0; a < nq; ++a) fastdecode::round_bf16_512(outs[a], out_bf16 + (outs[a] - out), hd);
     }
   });
 }
@@ -621,12 +626,12 @@ namespace fastdecode {
 template <typename T>
 void attention_512(const float* qkv, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
                    const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
-                   int64_t hd) {
+                   int64_t hd, uint16_t* out_bf16) {
   switch (hd) {
-    case 16: return core<1, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 32: return core<2, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 64: return core<4, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
-    case 128: return core<8, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads);
+    case 16: return core<1, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, out_bf16);
+    case 32: return core<2, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, out_bf16);
+    case 64: return core<4, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, out_bf16);
+    case 128: return core<8, T>(qkv, width, rot, K, V, head_stride, mask, out, n, length, heads, kv_heads, out_bf16);
     default: TORCH_CHECK(false, "attention_512: head_dim ", hd, " is not 16, 32, 64 or 128");
   }
 }
@@ -674,10 +679,16 @@ void silu_mul_512(const float* gate, const float* up, float* y, int64_t count) {
   }
 }
 
+// x -> bf16, 16 at a time by vcvtneps2bf16: linear_bf16_amx.cpp's round_activations, step for step.
+void round_bf16_512(const float* x, uint16_t* xb, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+}
+
 template void attention_512(const float*, int64_t, const float*, const float*, const float*, int64_t, const bool*,
-                            float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+                            float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*);
 template void attention_512(const float*, int64_t, const float*, const uint16_t*, const uint16_t*, int64_t,
-                            const bool*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+                            const bool*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*);
 
 }  // namespace fastdecode
 

@@ -26,6 +26,14 @@ void silu_mul_512(const float* gate, const float* up, float* y, int64_t count);
 // pointers; call only if has_amx_bf16(). residual: nullptr, or [n, N] added after the bias.
 void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, const float* residual, float* y,
                      int64_t n, int64_t K, int64_t N);
+// The same on activations already rounded to bf16 (xb [n, K], round to nearest even, as
+// bf16_linear_amx rounds them): the producer of x rounds its own rows while they are hot
+// (layer.cpp: SiLU's output, attention's), instead of one thread re-reading x here.
+void bf16_linear_amx_rounded(const uint16_t* xb, const uint16_t* packed, const float* bias, const float* residual,
+                             float* y, int64_t n, int64_t K, int64_t N);
+// x [count] fp32 -> bf16 (round to nearest even, vcvtneps2bf16: the AMX linear's own rounding;
+// count % 16 == 0); call only if has_avx512bf16().
+void round_bf16_512(const float* x, uint16_t* xb, int64_t count);
 // An AMX tile configuration (palette 1), as _tile_loadconfig reads it: tile t has rows[t] rows of
 // colsb[t] bytes. The AMX kernels fill one per task (linear_bf16_amx.cpp, attention_512.cpp).
 struct AmxTileConfig {
@@ -51,10 +59,16 @@ at::Tensor attention(const at::Tensor& qkv, const at::Tensor& cache_k, const at:
 // queries' rows of qkv (stride `width`) against slots [0, length + n) of one layer's K and V
 // (head stride `head_stride`; the new keys and values already written), into out [n, heads * hd].
 // T = float, or uint16_t for a bf16 cache (keys and values in the layouts below).
+// out_bf16 (or nullptr): out's rows rounded to bf16 as well, each task its own rows while they are hot.
 template <typename T>
 void attention_512(const float* qkv, int64_t width, const float* rot, const T* K, const T* V, int64_t head_stride,
                    const bool* mask, float* out, int64_t n, int64_t length, int64_t heads, int64_t kv_heads,
-                   int64_t hd);
+                   int64_t hd, uint16_t* out_bf16 = nullptr);
+// attention (above) for a layer whose o projection takes bf16 activations: its output rounded to
+// bf16 [n, heads * head_dim] by the AVX512 core's tasks; only for a bf16 cache (the AVX512-BF16 core).
+at::Tensor attention_rounded(const at::Tensor& qkv, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                             int64_t layer, int64_t length, const at::Tensor& rot,
+                             const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads);
 
 // The K/V entries of n new tokens into a bf16 cache (one layer; K, V at its KV head 0), keys
 // rotated by RoPE, both rounded to bf16 (nearest even), in key_offset / value_offset's layouts:

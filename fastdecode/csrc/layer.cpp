@@ -63,6 +63,27 @@ at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name,
   }
 }
 
+// Whether a linear's weight is AMX-packed bf16 (kernels.pack_amx): it then takes bf16 activations.
+bool amx_packed(const Spec& spec) {
+  const std::optional<at::Tensor> w = spec.get(0);
+  return w.has_value() && w->scalar_type() == at::kBFloat16 && w->dim() == 4;
+}
+
+// `linear` on an AMX-packed weight for activations already rounded to bf16 (xb [n, K]), plus `residual`.
+at::Tensor linear_rounded(const at::Tensor& xb, const Spec& spec, const at::Tensor& residual) {
+  const at::Tensor w = *spec.get(0);
+  const std::optional<at::Tensor> bias = spec.get(3);
+  const int64_t n = xb.size(0), K = xb.size(1), N = w.size(0) * 16;
+  TORCH_CHECK(w.size(1) * 2 == K && residual.size(0) == n && residual.size(1) == N, "linear_rounded: shapes differ");
+  at::Tensor y = at::empty({n, N}, residual.options());
+  if (n > 0)
+    fastdecode::bf16_linear_amx_rounded(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()),
+                                        reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                                        bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                                        residual.data_ptr<float>(), y.data_ptr<float>(), n, K, N);
+  return y;
+}
+
 }  // namespace
 
 namespace fastdecode {
@@ -105,14 +126,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // 11-token forward on the AMX Xeon, perf); the op on 25 rows went 22 -> 16-19 us (2 threads).
 // Where the CPU has AVX512 a range's 16-lane blocks go first (silu_mul_512, the same steps lane for
 // lane): 8 rows 6.6-9.9 -> 5.5-6.1 us, 1 row 2.45 -> 2.2 us (warm, 2 threads).
+// For a down projection that takes bf16 activations (AMX), `yb` gets each range rounded to bf16
+// as soon as it is computed (the range still in L1), by the thread that computed it.
 constexpr int64_t kSiluChunk = 256;
 constexpr int64_t kSiluParallelFrom = 8192;
 
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  check_rows(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up width ", gate_up.size(1), " must be even (gate | up)");
+namespace {
+
+void silu_mul_into(const at::Tensor& gate_up, at::Tensor& y, uint16_t* yb) {
   const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
-  at::Tensor y = at::empty({n, inter}, gate_up.options());
   const float* g = gate_up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t chunks = (inter + kSiluChunk - 1) / kSiluChunk;
@@ -135,11 +157,33 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         _mm256_storeu_ps(yr + i, _mm256_mul_ps(s, _mm256_loadu_ps(ur + i)));
       }
       for (; i < c1; ++i) yr[i] = gr[i] / (1.0f + std::exp(-gr[i])) * ur[i];
+      if (yb != nullptr) round_bf16_512(yr + c0, yb + t * inter + c0, c1 - c0);
     }
   };
   if (n * inter < kSiluParallelFrom) run(0, n * chunks);
   else at::parallel_for(0, n * chunks, 1, run);
+}
+
+}  // namespace
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up width ", gate_up.size(1), " must be even (gate | up)");
+  at::Tensor y = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  silu_mul_into(gate_up, y, nullptr);
   return y;
+}
+
+// silu_mul rounded to bf16 ([n, inter], inter % 16 == 0; call only if has_avx512bf16()): the down
+// projection's activations as the AMX linear would round silu_mul's output.
+at::Tensor silu_mul_rounded(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 32 == 0, "silu_mul_rounded: gate_up width ", gate_up.size(1), " must be a multiple of 32");
+  at::Tensor y = at::empty({n, inter}, gate_up.options());
+  at::Tensor yb = at::empty({n, inter}, gate_up.options().dtype(at::kBFloat16));
+  silu_mul_into(gate_up, y, reinterpret_cast<uint16_t*>(yb.data_ptr<at::BFloat16>()));
+  return yb;
 }
 
 at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
@@ -147,10 +191,17 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
                  const at::Tensor& cache_v, int64_t layer_index, int64_t length, const at::Tensor& rot,
                  const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads) {
   check_rows(x, "x");
-  const at::Tensor attn = attention(linear(rms_norm(x, attn_norm, eps), qkv, "qkv"), cache_k, cache_v,
-                                    layer_index, length, rot, mask, heads, kv_heads);
-  const at::Tensor h = linear(attn, o, "o", x);  // x + attn Wo
-  return linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down", h);
+  const at::Tensor q = linear(rms_norm(x, attn_norm, eps), qkv, "qkv");
+  // Where o and down take bf16 activations (AMX), attention's tasks and SiLU's round their own
+  // rows while hot; the linear would otherwise round them on one thread, reading rows the other
+  // thread wrote (~0.15 ms of a 9-token forward's ~1 ms over a one-token one, perf). Same bits.
+  const at::Tensor h = amx_packed(o) && cache_k.scalar_type() == at::kBFloat16
+                           ? linear_rounded(attention_rounded(q, cache_k, cache_v, layer_index, length, rot, mask,
+                                                              heads, kv_heads), o, x)
+                           : linear(attention(q, cache_k, cache_v, layer_index, length, rot, mask, heads, kv_heads), o,
+                                    "o", x);  // x + attn Wo
+  const at::Tensor g = linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up");
+  return amx_packed(down) ? linear_rounded(silu_mul_rounded(g), down, h) : linear(silu_mul(g), down, "down", h);
 }
 
 // `layer` for the layers `layer_ids` in turn, in one call: the norms of layer i are attn_norms[i]

@@ -63,10 +63,7 @@ void load_config(int m0, int m1) {
 }
 
 // x fp32 [n, K] -> bf16 [n, K], round to nearest even (K % 32 == 0).
-void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) {
-  for (int64_t i = 0; i < n * K; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-}
+void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) { fastdecode::round_bf16_512(x, xb, n * K); }
 
 // G token groups (rows t0.. and t0 + 16..) x R row blocks (blk..): y's tiles, bias added after.
 template <int G, int R>
@@ -143,6 +140,11 @@ void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, 
   at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
   auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
   round_activations(x, xb, n, K);
+  bf16_linear_amx_rounded(xb, packed, bias, residual, y, n, K, N);
+}
+
+void bf16_linear_amx_rounded(const uint16_t* xb, const uint16_t* packed, const float* bias, const float* residual,
+                             float* y, int64_t n, int64_t K, int64_t N) {
   const int64_t count = (N / kRows + 1) / 2;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
   at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, residual, K, N, n, u0, u1); });
