@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,11 @@ void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, 
 // (layer.cpp: SiLU's output, attention's), instead of one thread re-reading x here.
 void bf16_linear_amx_rounded(const uint16_t* xb, const uint16_t* packed, const float* bias, const float* residual,
                              float* y, int64_t n, int64_t K, int64_t N);
+// bf16_linear_amx whose bf16 activation rows (xb + t * K, K of them) `prepare(t, row)` writes,
+// the threads sharing the rows and then the products in one OpenMP region (layer.cpp: RMS norm
+// and rounding). prepare must give each row the same values whichever thread runs it.
+void bf16_linear_amx_prepared(const std::function<void(int64_t, uint16_t*)>& prepare, const uint16_t* packed,
+                              const float* bias, const float* residual, float* y, int64_t n, int64_t K, int64_t N);
 // x [count] fp32 -> bf16 (round to nearest even, vcvtneps2bf16: the AMX linear's own rounding;
 // count % 16 == 0); call only if has_avx512bf16().
 void round_bf16_512(const float* x, uint16_t* xb, int64_t count);

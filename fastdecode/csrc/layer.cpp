@@ -65,6 +65,7 @@ at::Tensor linear(const at::Tensor& x, const Spec& spec, const char* name,
 
 // Whether a linear's weight is AMX-packed bf16 (kernels.pack_amx): it then takes bf16 activations.
 bool amx_packed(const Spec& spec) {
+  if (spec.size() != 5) return false;  // linear() reports the malformed entry
   const std::optional<at::Tensor> w = spec.get(0);
   return w.has_value() && w->scalar_type() == at::kBFloat16 && w->dim() == 4;
 }
@@ -89,33 +90,66 @@ at::Tensor linear_rounded(const at::Tensor& xb, const Spec& spec, const at::Tens
 namespace fastdecode {
 
 // y = x / sqrt(mean(x^2) + eps) * w, row by row; the sum of squares runs in 8 lanes then the tail.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+namespace {
+
+void check_norm(const at::Tensor& x, const at::Tensor& weight) {
   check_rows(x, "x");
-  const int64_t n = x.size(0), d = x.size(1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d && weight.scalar_type() == at::kFloat &&
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == at::kFloat &&
                   weight.is_contiguous(),
-              "weight must be a contiguous float32 tensor [", d, "]");
+              "weight must be a contiguous float32 tensor [", x.size(1), "]");
+}
+
+// One row of rms_norm: yr = xr / sqrt(mean(xr^2) + eps) * wp.
+void rms_norm_row(const float* xr, const float* wp, double eps, int64_t d, float* yr) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 v = _mm256_loadu_ps(xr + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = fastdecode::hsum8(acc);
+  for (; i < d; ++i) ss += xr[i] * xr[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv), _mm256_loadu_ps(wp + i)));
+  for (; i < d; ++i) yr[i] = xr[i] * inv * wp[i];
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm(x, weight);
+  const int64_t n = x.size(0), d = x.size(1);
   at::Tensor y = at::empty_like(x);
+  for (int64_t t = 0; t < n; ++t)
+    rms_norm_row(x.data_ptr<float>() + t * d, weight.data_ptr<float>(), eps, d, y.data_ptr<float>() + t * d);
+  return y;
+}
+
+// linear(rms_norm(x, weight, eps), spec): where the weight is AMX-packed, the rows are normed and
+// rounded to bf16 by both threads in the region the products run in (bf16_linear_amx_prepared),
+// not by one thread before it. Same steps per row, so the same bits.
+at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& weight, double eps, const Spec& spec, const char* name) {
+  if (!amx_packed(spec) || x.size(1) % 32 != 0) return linear(rms_norm(x, weight, eps), spec, name);
+  check_norm(x, weight);
+  const at::Tensor w = *spec.get(0);
+  const std::optional<at::Tensor> bias = spec.get(3);
+  const int64_t n = x.size(0), d = x.size(1), N = w.size(0) * 16;
+  TORCH_CHECK(w.size(1) * 2 == d, name, ": weight's K (", w.size(1) * 2, ") must equal x.size(1) (", d, ")");
+  at::Tensor normed = at::empty_like(x);
+  at::Tensor y = at::empty({n, N}, x.options());
+  if (n == 0) return y;
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xr = xp + t * d;
-    float* yr = yp + t * d;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-      const __m256 v = _mm256_loadu_ps(xr + i);
-      acc = _mm256_fmadd_ps(v, v, acc);
-    }
-    float ss = fastdecode::hsum8(acc);
-    for (; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (i = 0; i + 8 <= d; i += 8)
-      _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv), _mm256_loadu_ps(wp + i)));
-    for (; i < d; ++i) yr[i] = xr[i] * inv * wp[i];
-  }
+  float* hp = normed.data_ptr<float>();
+  bf16_linear_amx_prepared(
+      [&](int64_t t, uint16_t* row) {
+        rms_norm_row(xp + t * d, wp, eps, d, hp + t * d);
+        round_bf16_512(hp + t * d, row, d);
+      },
+      reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+      nullptr, y.data_ptr<float>(), n, d, N);
   return y;
 }
 
@@ -191,7 +225,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
                  const at::Tensor& cache_v, int64_t layer_index, int64_t length, const at::Tensor& rot,
                  const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads) {
   check_rows(x, "x");
-  const at::Tensor q = linear(rms_norm(x, attn_norm, eps), qkv, "qkv");
+  const at::Tensor q = norm_linear(x, attn_norm, eps, qkv, "qkv");
   // Where o and down take bf16 activations (AMX), attention's tasks and SiLU's round their own
   // rows while hot; the linear would otherwise round them on one thread, reading rows the other
   // thread wrote (~0.15 ms of a 9-token forward's ~1 ms over a one-token one, perf). Same bits.
@@ -200,7 +234,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
                                                               heads, kv_heads), o, x)
                            : linear(attention(q, cache_k, cache_v, layer_index, length, rot, mask, heads, kv_heads), o,
                                     "o", x);  // x + attn Wo
-  const at::Tensor g = linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up");
+  const at::Tensor g = norm_linear(h, mlp_norm, eps, gate_up, "gate_up");
   return amx_packed(down) ? linear_rounded(silu_mul_rounded(g), down, h) : linear(silu_mul(g), down, "down", h);
 }
 
