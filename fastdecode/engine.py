@@ -68,7 +68,7 @@ class Engine:
         root = out.token_ids[-1]
         segment = tree_segment(root, tree, self.cache)
         logits = self.model(segment.tokens, segment.positions, self.cache, segment.mask)
-        return commit_step(logits, root, tree, sampler, tracker, drafter, self.cache)
+        return commit_step(logits, root, tree, sampler, tracker, drafter, self.cache, self.model.row_top)
 
 
 def check_prompt(prompt_ids: list[int], max_len: int, vocab: int) -> None:
@@ -141,11 +141,12 @@ def commit_prefill(logits: torch.Tensor, sampler: Sampler, tracker: TextTracker,
 
 def commit_step(
     logits: torch.Tensor, root: int, tree: DraftTree, sampler: Sampler, tracker: TextTracker, drafter: Drafter,
-    cache: KVCache,
+    cache: KVCache, row_top: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bool:
     """Verify a forward's logits `[len(tree) + 1, vocab]`, keep the accepted rows, tell the drafter,
-    emit the tokens; True when the request has finished."""
-    step = StepResult(root, tree, logits, [], [])
+    emit the tokens; True when the request has finished. row_top: the rows' top logits if the
+    forward ranked them (Transformer.row_top)."""
+    step = StepResult(root, tree, logits, [], [], row_top)
     argmax = step.argmax() if sampler.plain_greedy else None  # the walk's; its pass serves the drafters too
     step.accepted_rows, step.emitted = verify(logits, tree, sampler, argmax)
     rows, emitted = step.accepted_rows, step.emitted

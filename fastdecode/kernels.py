@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
-    "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "cpu_supports_avx2_fma", "q_linear",
+    "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "bf16_linear_topk_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
     "race_order_op", "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table", "auto_core",
 ]
@@ -224,6 +224,13 @@ def recycle_update_op() -> Callable[..., None] | None:
     from a verify step's rows' top k, in place (csrc/sampling.cpp; drafters/recycling.py), or None."""
     ops = _load()
     return None if ops is None else ops.recycle_update
+
+
+def bf16_linear_topk_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The raw op `(x, AMX-packed weight, k) -> (y, indices [n, k], values [n, k])`: the linear and
+    each row's k largest outputs as `top_k_rows_op` ranks them (csrc/linear_bf16_amx.cpp), or None."""
+    ops = _load()
+    return None if ops is None else ops.bf16_linear_topk
 
 
 def race_order_op() -> Callable[..., list[int]] | None:

@@ -13,14 +13,17 @@ import mmap
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdecode.config import ModelConfig
-from fastdecode.kernels import amx_bf16, attention_isa, attention_op, bf16_linear_op, layer_ops, pack_amx
+from fastdecode.kernels import (amx_bf16, attention_isa, attention_op, bf16_linear_op, bf16_linear_topk_op, layer_ops,
+                                pack_amx)
 from fastdecode.kv_cache import KVCache
 from fastdecode.quant import QUANT_DTYPES, Blocks, QLinear, cat_blocks, quantize
+from fastdecode.sampling import TOP_K
 
 
 # how each dtype stores the matrices while loading (block formats are applied after)
@@ -266,6 +269,9 @@ class Transformer(nn.Module):
         # the last `forward`'s final hidden states, before the norm, every row (the `head` drafter
         # reads them); None after a batched forward
         self.hidden: torch.Tensor | None = None
+        # the last forward's rows' TOP_K largest logits (indices, values; sampling.top_rows) when
+        # the AMX LM head ranked them as it wrote them (a tree's forward), else None
+        self.row_top: tuple[np.ndarray, np.ndarray] | None = None
         self.kv_dtype = torch.float32  # build_model: bfloat16 where the matrices are not fp32 (kv_cache_dtype)
 
     @property
@@ -312,9 +318,17 @@ class Transformer(nn.Module):
             for layer in order:
                 x = blocks[layer](x, rot, cache, layer, mask, kernel, rot_real)
         self.hidden = x
+        self.row_top = None
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        op = bf16_linear_topk_op()
+        weight = getattr(self.lm_head, "weight", None)  # a QLinear (int8 / int4) has codes instead
+        if x.shape[0] > 1 and op is not None and weight is not None and weight.dim() == 4:  # AMX-packed: ranked as written
+            logits, top, values = op(x, weight, min(TOP_K, self.cfg.vocab_size))
+            self.row_top = (top.numpy(), values.numpy())
+            return logits
+        return self.lm_head(x).float()
 
     def _stacked(self, order: Sequence[int]) -> tuple[Any, ...]:
         """(attn norms, mlp norms, eps, the linears' entries flat, layer ids): the layers `order`

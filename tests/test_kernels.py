@@ -599,3 +599,30 @@ def test_attention_refuses_a_bf16_cache_without_the_avx512_core() -> None:
     qkv, k, v, rot = _attention_case(1, 3)
     with pytest.raises(RuntimeError, match="bfloat16 cache needs the AVX512-BF16 core"):
         kernels.attention_op()(qkv, k.to(torch.bfloat16), v.to(torch.bfloat16), 1, 3, rot, None, 4, 2)
+
+
+@pytest.mark.parametrize("n,k_in,n_out,k", [(9, 576, 4096, 8), (1, 64, 256, 8), (19, 96, 512, 20), (3, 32, 48, 8)])
+def test_lm_head_ranked_as_written_equals_top_k_rows(n: int, k_in: int, n_out: int, k: int) -> None:
+    """bf16_linear_topk: the AMX linear's outputs bit for bit, and each row's k largest as
+    top_k_rows ranks them (value descending, the lower index first among equals; equal outputs
+    planted in columns far apart, among the largest, and a NaN column, which is never taken), on
+    1 and 2 threads (the lists of several threads merged)."""
+    _amx_or_skip()
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n_out, k_in, generator=g).bfloat16()
+    w[5] = w[7] = w[9] = w[n_out - 1] = 0.5  # equal outputs, large for x >= 0: among every row's top
+    w[11, 0] = float("nan")
+    x = torch.randn(n, k_in, generator=g).abs()
+    packed = kernels.pack_amx(w)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, top, values = kernels.bf16_linear_topk_op()(x, packed, k)
+            want = kernels.bf16_linear_op()(x, packed, None)
+            torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)  # bit for bit, the NaN column too
+            want_top, want_values = kernels.top_k_rows_op()(want, k)
+            assert torch.equal(top, want_top) and torch.equal(values, want_values)
+            assert all({5, 7, 9, n_out - 1} <= set(row.tolist()) and 11 not in row.tolist() for row in top)
+    finally:
+        torch.set_num_threads(before)

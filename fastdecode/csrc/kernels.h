@@ -27,7 +27,10 @@ void silu_mul_512(const float* gate, const float* up, float* y, int64_t count);
 // pointers; call only if has_amx_bf16(). residual: nullptr, or [n, N] added after the bias.
 void bf16_linear_amx(const float* x, const uint16_t* packed, const float* bias, const float* residual, float* y,
                      int64_t n, int64_t K, int64_t N);
-// The same on activations already rounded to bf16 (xb [n, K], round to nearest even, as
+// bf16_linear_amx (no bias or residual) plus each row's k largest outputs, as top_k_rows ranks them.
+void bf16_linear_amx_topk(const float* x, const uint16_t* packed, float* y, int64_t n, int64_t K, int64_t N, int64_t k,
+                          int64_t* top_idx, float* top_val);
+// bf16_linear_amx on activations already rounded to bf16 (xb [n, K], round to nearest even, as
 // bf16_linear_amx rounds them): the producer of x rounds its own rows while they are hot
 // (layer.cpp: SiLU's output, attention's), instead of one thread re-reading x here.
 void bf16_linear_amx_rounded(const uint16_t* xb, const uint16_t* packed, const float* bias, const float* residual,

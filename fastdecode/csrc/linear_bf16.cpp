@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -238,6 +239,22 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// bf16_linear on an AMX-packed weight (no bias) plus each row's k largest outputs, as top_k_rows
+// gives them (linear_bf16_amx.cpp, bf16_linear_amx_topk): (y, indices int64 [n, k], values [n, k]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bf16_linear_topk(const at::Tensor& x, const at::Tensor& weight, int64_t k) {
+  check_inputs(x, weight, std::nullopt);
+  TORCH_CHECK(weight.dim() == 4, "bf16_linear_topk needs an AMX-packed weight [N / 16, K / 2, 16, 2]");
+  const int64_t n = x.size(0), K = x.size(1), N = weight.size(0) * 16;
+  TORCH_CHECK(k >= 1 && k <= N, "k = ", k, " must be in [1, ", N, "]");
+  at::Tensor y = at::empty({n, N}, x.options());
+  at::Tensor idx = at::empty({n, k}, x.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({n, k}, x.options());
+  if (n > 0)
+    bf16_linear_amx_topk(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()), y.data_ptr<float>(),
+                         n, K, N, k, idx.data_ptr<int64_t>(), vals.data_ptr<float>());
+  return {y, idx, vals};
+}
+
 std::string bf16_isa() { return has_avx512bf16() ? "avx512bf16" : "avx2"; }
 bool amx_bf16() { return has_amx_bf16(); }
 
@@ -245,10 +262,12 @@ bool amx_bf16() { return has_amx_bf16(); }
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_linear_topk(Tensor x, Tensor weight, int k) -> (Tensor, Tensor, Tensor)");
   m.def("bf16_isa() -> str", &fastdecode::bf16_isa);  // no tensors: a catch-all kernel
   m.def("amx_bf16() -> bool", &fastdecode::amx_bf16);
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("bf16_linear", &fastdecode::bf16_linear);
+  m.impl("bf16_linear_topk", &fastdecode::bf16_linear_topk);
 }

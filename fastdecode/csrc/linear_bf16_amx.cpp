@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -68,10 +69,55 @@ void load_config(int m0, int m1) {
 // x fp32 [n, K] -> bf16 [n, K], round to nearest even (K % 32 == 0).
 void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) { fastdecode::round_bf16_512(x, xb, n * K); }
 
-// G token groups (rows t0.. and t0 + 16..) x R row blocks (blk..): y's tiles, bias added after.
+// Each row's k largest outputs among the columns one thread has scanned, in column order: the
+// insertion of sampling.cpp's top_k_row (value descending, the lower column first among equals,
+// NaNs never taken), so that the threads' lists merged give that function's result.
+struct RowTop {
+  int64_t k = 0;
+  std::vector<int64_t> count, idx;  // per row: entries so far; [row][k] columns
+  std::vector<float> vals;          // [row][k]
+  void reset(int64_t n, int64_t k_) {
+    k = k_;
+    count.assign(n, 0);
+    idx.assign(n * k, -1);
+    vals.assign(n * k, 0.0f);
+  }
+  void insert(int64_t t, float v, int64_t j) {
+    int64_t* ir = idx.data() + t * k;
+    float* vr = vals.data() + t * k;
+    int64_t pos;
+    if (count[t] < k) {
+      if (!(v == v)) return;
+      pos = count[t]++;
+    } else {
+      if (!(v > vr[k - 1])) return;
+      pos = k - 1;
+    }
+    for (; pos > 0 && vr[pos - 1] < v; --pos) {
+      vr[pos] = vr[pos - 1];
+      ir[pos] = ir[pos - 1];
+    }
+    vr[pos] = v;
+    ir[pos] = j;
+  }
+  // y[t][j0 .. j0 + 16): the lanes that may enter the list, in column order
+  void scan16(int64_t t, const float* row, int64_t j0) {
+    const __m512 v = _mm512_loadu_ps(row);
+    __mmask16 m = count[t] < k ? _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q)
+                               : _mm512_cmp_ps_mask(v, _mm512_set1_ps(vals[t * k + k - 1]), _CMP_GT_OQ);
+    while (m) {
+      const int b = __builtin_ctz(m);
+      insert(t, row[b], j0 + b);
+      m &= m - 1;
+    }
+  }
+};
+
+// G token groups (rows t0.. and t0 + 16..) x R row blocks (blk..): y's tiles, bias added after;
+// `top` (or nullptr): the tiles' rows scanned into it while in L1.
 template <int G, int R>
 void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, const float* residual, int64_t K,
-          int64_t N, int64_t n, int64_t t0, int64_t blk) {
+          int64_t N, int64_t n, int64_t t0, int64_t blk, RowTop* top) {
   _tile_zero(0);
   if constexpr (R > 1) _tile_zero(1);
   if constexpr (G > 1) _tile_zero(2);
@@ -107,12 +153,17 @@ void pass(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, c
       }
     }
   }
+  if (top != nullptr) {
+    const int64_t t1 = std::min(n, t0 + G * kTokens);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int r = 0; r < R; ++r) top->scan16(t, y + t * N + blk * kRows + kRows * r, blk * kRows + kRows * r);
+  }
 }
 
 // Row blocks [2 u0, 2 u1) (pairs of blocks; the last may be one) for every token, two token
 // groups a pass: each pair's weights are read from memory once and stay in L2 for the next groups.
 void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, const float* residual, int64_t K,
-           int64_t N, int64_t n, int64_t u0, int64_t u1) {
+           int64_t N, int64_t n, int64_t u0, int64_t u1, RowTop* top = nullptr) {
   const int64_t blocks = N / kRows;
   int configured = -1;
   for (int64_t u = u0; u < u1; ++u) {
@@ -126,10 +177,10 @@ void units(const uint16_t* xb, const uint16_t* wp, float* y, const float* bias, 
         configured = m0 * 32 + m1;
       }
       const bool pair = n - t0 > kTokens;
-      if (pair && two) pass<2, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk);
-      else if (pair) pass<2, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk);
-      else if (two) pass<1, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk);
-      else pass<1, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk);
+      if (pair && two) pass<2, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk, top);
+      else if (pair) pass<2, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk, top);
+      else if (two) pass<1, 2>(xb, wp, y, bias, residual, K, N, n, t0, blk, top);
+      else pass<1, 1>(xb, wp, y, bias, residual, K, N, n, t0, blk, top);
     }
   }
 }
@@ -172,6 +223,41 @@ void bf16_linear_amx_prepared(const std::function<void(int64_t, uint16_t*)>& pre
     const int64_t parts = omp_get_num_threads(), chunk = (count + parts - 1) / parts;
     const int64_t u0 = omp_get_thread_num() * chunk, u1 = std::min(count, u0 + chunk);
     if (u0 < u1) units(xb, packed, y, bias, residual, K, N, n, u0, u1);
+  }
+}
+
+// bf16_linear_amx without bias or residual, plus each row's k largest outputs (top_idx, top_val
+// [n, k]: value descending, the lower column first among equals, NaNs never taken; -1 and 0 past
+// a row's non-NaN values): what top_k_rows (sampling.cpp) gives for y, scanned by each thread over
+// its own tiles while they are in L1 and merged after. Why: a tree step's LM head rows (~1.8 MB
+// for 9 rows) were read once more, across both cores' caches, for the drafters' top 8 (~70 us a
+// step in place).
+void bf16_linear_amx_topk(const float* x, const uint16_t* packed, float* y, int64_t n, int64_t K, int64_t N, int64_t k,
+                          int64_t* top_idx, float* top_val) {
+  at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
+  auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
+  round_activations(x, xb, n, K);
+  const int64_t count = (N / kRows + 1) / 2;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
+  std::vector<RowTop> tops(at::get_num_threads());
+  std::vector<int64_t> firsts(tops.size(), -1);  // each thread's first unit: the lists' column order
+  for (RowTop& top : tops) top.reset(n, k);
+  at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t tid = at::get_thread_num();
+    firsts[tid] = u0;
+    units(xb, packed, y, nullptr, nullptr, K, N, n, u0, u1, &tops[tid]);
+  });
+  std::vector<size_t> order;  // the threads that scanned, in column order
+  for (size_t i = 0; i < tops.size(); ++i)
+    if (firsts[i] >= 0) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return firsts[a] < firsts[b]; });
+  RowTop merged;
+  merged.reset(n, k);
+  for (int64_t t = 0; t < n; ++t) {
+    for (size_t i : order)  // columns ascending across the lists: the same insertions as one scan
+      for (int64_t e = 0; e < tops[i].count[t]; ++e) merged.insert(t, tops[i].vals[t * k + e], tops[i].idx[t * k + e]);
+    std::copy(merged.idx.begin() + t * k, merged.idx.begin() + (t + 1) * k, top_idx + t * k);
+    std::copy(merged.vals.begin() + t * k, merged.vals.begin() + (t + 1) * k, top_val + t * k);
   }
 }
 
