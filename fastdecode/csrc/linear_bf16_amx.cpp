@@ -29,7 +29,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -209,21 +211,23 @@ void bf16_linear_amx_prepared(const std::function<void(int64_t, uint16_t*)>& pre
   auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
   const int64_t count = (N / kRows + 1) / 2;
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / grain);
-  if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t t = 0; t < n; ++t) prepare(t, xb + t * K);
-    units(xb, packed, y, bias, residual, K, N, n, 0, count);
+  [[maybe_unused]] const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / grain);
+#ifdef _OPENMP
+  if (threads > 1 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < n; ++t) prepare(t, xb + t * K);
+      // the loop's barrier: every row is ready
+      const int64_t parts = omp_get_num_threads(), chunk = (count + parts - 1) / parts;
+      const int64_t u0 = omp_get_thread_num() * chunk, u1 = std::min(count, u0 + chunk);
+      if (u0 < u1) units(xb, packed, y, bias, residual, K, N, n, u0, u1);
+    }
     return;
   }
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n; ++t) prepare(t, xb + t * K);
-    // the loop's barrier: every row is ready
-    const int64_t parts = omp_get_num_threads(), chunk = (count + parts - 1) / parts;
-    const int64_t u0 = omp_get_thread_num() * chunk, u1 = std::min(count, u0 + chunk);
-    if (u0 < u1) units(xb, packed, y, bias, residual, K, N, n, u0, u1);
-  }
+#endif
+  for (int64_t t = 0; t < n; ++t) prepare(t, xb + t * K);  // one thread, or a build without OpenMP
+  at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, residual, K, N, n, u0, u1); });
 }
 
 // bf16_linear_amx without bias or residual, plus each row's k largest outputs (top_idx, top_val
