@@ -161,6 +161,27 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// One step of a top-k scan: keep the k largest (value, index) pairs inserted so far in idx / vals
+// (`count` of them), largest first and, among equals, the one inserted first; NaNs never enter, and
+// once full a value must beat the k-th to get in. top_k_row (sampling.cpp) and the LM head's
+// ranking as it writes its rows (linear_bf16_amx.cpp) both insert through this, so they rank alike.
+inline void top_insert(float v, int64_t j, int64_t k, int64_t& count, int64_t* idx, float* vals) {
+  int64_t pos;
+  if (count < k) {
+    if (!(v == v)) return;
+    pos = count++;
+  } else {
+    if (!(v > vals[k - 1])) return;
+    pos = k - 1;
+  }
+  for (; pos > 0 && vals[pos - 1] < v; --pos) {
+    vals[pos] = vals[pos - 1];
+    idx[pos] = idx[pos - 1];
+  }
+  vals[pos] = v;
+  idx[pos] = j;
+}
+
 // e^x for 8 floats (Cephes' expf: x = k ln2 + r, a degree-6 polynomial in r, 2^k from the
 // exponent bits), ~2 ulp; inputs below -87 are clamped there (e^-87 ~ 1.6e-38: nothing next to
 // the softmax maximum's e^0). Callers zero masked lanes themselves.

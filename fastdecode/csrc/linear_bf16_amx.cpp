@@ -71,9 +71,8 @@ void load_config(int m0, int m1) {
 // x fp32 [n, K] -> bf16 [n, K], round to nearest even (K % 32 == 0).
 void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) { fastdecode::round_bf16_512(x, xb, n * K); }
 
-// Each row's k largest outputs among the columns one thread has scanned, in column order: the
-// insertion of sampling.cpp's top_k_row (value descending, the lower column first among equals,
-// NaNs never taken), so that the threads' lists merged give that function's result.
+// Each row's k largest outputs among the columns one thread has scanned, in column order, by
+// top_k_row's insertion (kernels.h's top_insert), so that the threads' lists merged give its result.
 struct RowTop {
   int64_t k = 0;
   std::vector<int64_t> count, idx;  // per row: entries so far; [row][k] columns
@@ -85,22 +84,7 @@ struct RowTop {
     vals.assign(n * k, 0.0f);
   }
   void insert(int64_t t, float v, int64_t j) {
-    int64_t* ir = idx.data() + t * k;
-    float* vr = vals.data() + t * k;
-    int64_t pos;
-    if (count[t] < k) {
-      if (!(v == v)) return;
-      pos = count[t]++;
-    } else {
-      if (!(v > vr[k - 1])) return;
-      pos = k - 1;
-    }
-    for (; pos > 0 && vr[pos - 1] < v; --pos) {
-      vr[pos] = vr[pos - 1];
-      ir[pos] = ir[pos - 1];
-    }
-    vr[pos] = v;
-    ir[pos] = j;
+    fastdecode::top_insert(v, j, k, count[t], idx.data() + t * k, vals.data() + t * k);
   }
   // y[t][j0 .. j0 + 16): the lanes that may enter the list, in column order
   void scan16(int64_t t, const float* row, int64_t j0) {

@@ -105,24 +105,9 @@ namespace {
 // ms this way (Xeon, 2 threads, ad-hoc timing).
 int64_t top_k_row(const float* row, int64_t V, int64_t k, int64_t* idx, float* vals) {
   int64_t count = 0;
-  auto insert = [&](float v, int64_t j) {
-    int64_t pos;
-    if (count < k) {
-      pos = count++;
-    } else {
-      if (!(v > vals[k - 1])) return;
-      pos = k - 1;
-    }
-    for (; pos > 0 && vals[pos - 1] < v; --pos) {
-      vals[pos] = vals[pos - 1];
-      idx[pos] = idx[pos - 1];
-    }
-    vals[pos] = v;
-    idx[pos] = j;
-  };
+  auto insert = [&](float v, int64_t j) { fastdecode::top_insert(v, j, k, count, idx, vals); };
   int64_t j = 0;
-  for (; j < V && count < k; ++j)
-    if (row[j] == row[j]) insert(row[j], j);
+  for (; j < V && count < k; ++j) insert(row[j], j);  // NaNs never enter
   auto scan8 = [&](int64_t i) {  // row[i..i + 8) against the k-th best so far, in order
     int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(vals[k - 1]), _CMP_GT_OQ));
     while (mask) {
