@@ -52,7 +52,7 @@ import torch
 __all__ = [
     "amx_bf16", "attention_op", "bf16_isa", "bf16_kernel", "pack_amx", "bf16_linear", "layer_ops", "bf16_linear_available", "bf16_linear_op", "bf16_linear_topk_op", "cpu_supports_avx2_fma", "q_linear",
     "q_linear_op", "pack_panels", "unpack_panels", "race_pick_op", "sample_row_op", "top_k_rows_op",
-    "race_order_op", "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table", "auto_core",
+    "race_orders_op", "recycle_propose_op", "recycle_update_op", "aded_table", "auto_core",
 ]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -233,17 +233,10 @@ def bf16_linear_topk_op() -> Callable[..., tuple[torch.Tensor, torch.Tensor, tor
     return None if ops is None else ops.bf16_linear_topk
 
 
-def race_order_op() -> Callable[..., list[int]] | None:
-    """The raw op `(successors [V, k] int32, logits [V, k] float32, token, temperature, top_k, top_p,
-    seed, index) -> order`: Token Recycling's successors of `token` in the sampler's race order
-    (csrc/sampling.cpp; drafters/recycling.py), or None."""
-    ops = _load()
-    return None if ops is None else ops.race_order
-
-
 def race_orders_op() -> Callable[..., list[int]] | None:
-    """The raw op `(successors, logits, tokens, indices, temperature, top_k, top_p, seed) -> orders`:
-    `race_order_op` for each (token, index) pair in one call, the orders concatenated, or None."""
+    """The raw op `(successors [V, k] int32, logits [V, k] float32, tokens, indices, temperature,
+    top_k, top_p, seed) -> orders`: Token Recycling's successors of each token in the sampler's race
+    order at its index, the orders concatenated (csrc/sampling.cpp; drafters/recycling.py), or None."""
     ops = _load()
     return None if ops is None else ops.race_orders
 

@@ -9,7 +9,7 @@ import torch
 from fastdecode import SamplingParams
 from fastdecode.drafters.base import DraftRequest, StepResult
 from fastdecode.drafters.recycling import UNKNOWN, TokenRecycling, build_template, model_successors
-from fastdecode.kernels import race_order_op, recycle_propose_op
+from fastdecode.kernels import race_orders_op, recycle_propose_op
 from fastdecode.sampling import Sampler
 from fastdecode.tree import DraftTree
 
@@ -250,7 +250,7 @@ def test_greedy_requests_draft_in_logit_order() -> None:
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 3, 1.0), (0.5, -1, 0.97), (1.0, 8, 0.99)])
 def test_native_race_order_equals_numpy(temperature: float, top_k: int, top_p: float, monkeypatch) -> None:
-    assert race_order_op() is not None, "the fastdecode kernels failed to build"
+    assert race_orders_op() is not None, "the fastdecode kernels failed to build"
     rng = np.random.default_rng(1)
     drafter = TokenRecycling(VOCAB, k=8)
     for token in range(VOCAB):
@@ -261,7 +261,7 @@ def test_native_race_order_equals_numpy(temperature: float, top_k: int, top_p: f
     drafter.begin([0], DraftRequest(sampler, None))
     native = [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
     assert drafter._race_orders([(token, index) for token in range(VOCAB) for index in (0, 3)]) == native  # batched
-    monkeypatch.setattr("fastdecode.drafters.recycling.race_order_op", lambda: None)
+    monkeypatch.setattr("fastdecode.drafters.recycling.race_orders_op", lambda: None)
     assert native == [drafter._race(token, index) for token in range(VOCAB) for index in (0, 3)]
     assert len({tuple(order) for order in native}) >= 5  # the orders differ: the test compares something
 

@@ -6,8 +6,8 @@
 // Registered as torch.ops.fastdecode_kernels.race_pick (the race over given probabilities) and
 // sample_row (the logits processors and the race in one call, what Sampler uses); also top_k_rows
 // (the k largest logits of each row, a step's one pass over its logits: the greedy walk's argmax
-// and the drafters'), recycle_update (Token Recycling's table update), race_order and recycle_propose
-// (its walk), below.
+// and the drafters'), recycle_update (Token Recycling's table update), race_orders and
+// recycle_propose (its walk), below.
 //
 // Why native: over a whole vocabulary (temperature 1 without top-k/top-p, the API's default) the
 // numpy draw took ~2 ms a token. Here the hash costs a few ns per token and most logs are skipped:
@@ -437,7 +437,7 @@ void check_table(const at::Tensor& successors, const at::Tensor& logits, double 
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
 }
 
-// race_order's work on one row: s, x = the row's k successors and logits.
+// race_orders' work on one row: s, x = the row's k successors and logits.
 std::vector<int64_t> row_race_order(const int32_t* s, const float* x, int64_t k, double temperature, int64_t top_k,
                                     double top_p, int64_t seed, int64_t index) {
   std::vector<int64_t> order(k);
@@ -466,21 +466,12 @@ std::vector<int64_t> row_race_order(const int32_t* s, const float* x, int64_t k,
 
 }  // namespace
 
-// Token Recycling under sampling (drafters/recycling.py, `_race`, which this equals): the order in
-// which the race at output `index` would pick the stored successors of `token` if the target's
-// distribution were softmax(logits / temperature) over them, cut to the first top_k and to the
-// top_p nucleus in stored order (largest first); unknown successors (-1) and those cut go last.
-// successors [V, k] int32, logits [V, k] float32. In numpy this cost ~26 us a call.
-std::vector<int64_t> race_order(const at::Tensor& successors, const at::Tensor& logits, int64_t token,
-                                double temperature, int64_t top_k, double top_p, int64_t seed, int64_t index) {
-  check_table(successors, logits, temperature);
-  const int64_t k = successors.size(1);
-  TORCH_CHECK(token >= 0 && token < successors.size(0), "token ", token, " is outside [0, ", successors.size(0), ")");
-  return row_race_order(successors.data_ptr<int32_t>() + token * k, logits.data_ptr<float>() + token * k, k,
-                        temperature, top_k, top_p, seed, index);
-}
-
-// race_order for several (token, index) pairs in one call, the orders one after the other (k each).
+// Token Recycling under sampling (drafters/recycling.py, `_race`, which this equals), for each
+// (token, index) pair: the order in which the race at output `index` would pick the stored
+// successors of `token` if the target's distribution were softmax(logits / temperature) over them,
+// cut to the first top_k and to the top_p nucleus in stored order (largest first); unknown
+// successors (-1) and those cut go last. The orders one after the other (k each). successors
+// [V, k] int32, logits [V, k] float32. In numpy an order cost ~26 us.
 std::vector<int64_t> race_orders(const at::Tensor& successors, const at::Tensor& logits, c10::IntArrayRef tokens,
                                  c10::IntArrayRef indices, double temperature, int64_t top_k, double top_p,
                                  int64_t seed) {
@@ -505,7 +496,7 @@ std::vector<int64_t> race_orders(const at::Tensor& successors, const at::Tensor&
 // successor is known. Under sampling (temperature > 0) a rank is read in the race order of the
 // parent's successors at the child's output index (count + depth - 1), each (token, index) order
 // computed once. Returns the live nodes' tokens and parents (draft indices, -1 = root). Why: the
-// walk in Python called race_order ~10 times a sampled step, ~6 us each with the call (in place,
+// walk in Python called the race order op ~10 times a sampled step, ~6 us each with the call (in place,
 // 24-node templates), most of it the call.
 std::tuple<std::vector<int64_t>, std::vector<int64_t>> recycle_propose(
     const at::Tensor& successors, const at::Tensor& logits, c10::IntArrayRef parents, c10::IntArrayRef ranks,
@@ -553,8 +544,6 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> recycle_propose(
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
-  m.def("race_order(Tensor successors, Tensor logits, int token, float temperature, int top_k, float top_p, "
-        "int seed, int index) -> int[]");
   m.def("race_orders(Tensor successors, Tensor logits, int[] tokens, int[] indices, float temperature, int top_k, "
         "float top_p, int seed) -> int[]");
   m.def("recycle_propose(Tensor successors, Tensor logits, int[] parents, int[] ranks, int root, float temperature, "
@@ -571,7 +560,6 @@ TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("race_pick", &fastdecode::race_pick);
   m.impl("top_k_rows", &fastdecode::top_k_rows);
   m.impl("recycle_update", &fastdecode::recycle_update);
-  m.impl("race_order", &fastdecode::race_order);
   m.impl("recycle_propose", &fastdecode::recycle_propose);
   m.impl("race_orders", &fastdecode::race_orders);
   m.impl("sample_row", &fastdecode::sample_row);

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastdecode.drafters.base import DraftRequest, StepResult
-from fastdecode.kernels import race_order_op, race_orders_op, recycle_propose_op, recycle_update_op
+from fastdecode.kernels import race_orders_op, recycle_propose_op, recycle_update_op
 from fastdecode.kv_cache import KVCache
 from fastdecode.sampling import Sampler, int64_seed, top_rows
 from fastdecode.tree import DraftTree
@@ -274,11 +274,11 @@ class TokenRecycling:
         return order
 
     def _race(self, token: int, index: int) -> list[int]:
-        params, op = self.sampler.params, race_order_op()
+        params, op = self.sampler.params, race_orders_op()
         if op is not None:
             successors, logits, _ = self._tensors()
-            return op(successors, logits, token, params.temperature, params.top_k, params.top_p,
-                      int64_seed(self.sampler.seed), index)
+            return op(successors, logits, [token], [index], params.temperature, params.top_k, params.top_p,
+                      int64_seed(self.sampler.seed))
         known = self.successors[token] != UNKNOWN
         if not known.any():
             return list(range(self.k))
