@@ -683,7 +683,7 @@ void silu_mul_512(const float* gate, const float* up, float* y, int64_t count) {
   }
 }
 
-// x -> bf16, 16 at a time by vcvtneps2bf16: linear_bf16_amx.cpp's round_activations, step for step.
+// x -> bf16, 16 at a time by vcvtneps2bf16: the AMX linear's activation rounding (its round_activations calls this).
 void round_bf16_512(const float* x, uint16_t* xb, int64_t count) {
   for (int64_t i = 0; i < count; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));

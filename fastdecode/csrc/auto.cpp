@@ -73,8 +73,6 @@ struct AutoCore : torch::CustomClassHolder {
     }
   }
 
-  int64_t context_length() const { return static_cast<int64_t>(context.size()); }
-
   int64_t trigram_count(int64_t a, int64_t b, int64_t c) const {
     auto found = trigrams.find(pack_trigram(a, b, c));
     return found == trigrams.end() ? 0 : found->second;
@@ -241,7 +239,6 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
       .def("begin", &AutoCore::begin)
       .def("set_use_seen", &AutoCore::set_use_seen)
       .def("extend", &AutoCore::extend)
-      .def("context_length", &AutoCore::context_length)
       .def("trigram_count", &AutoCore::trigram_count)
       .def("rate", &AutoCore::rate)
       .def("score", &AutoCore::score)

@@ -68,6 +68,11 @@ void load_config(int m0, int m1) {
   _tile_loadconfig(&cfg);
 }
 
+// How `units` splits a product over the threads: the units (pairs of 16-row blocks) of N output
+// rows, and the fewest a task takes so that it holds at least kMinTaskMacs multiply-adds.
+int64_t unit_count(int64_t N) { return (N / kRows + 1) / 2; }
+int64_t unit_grain(int64_t n, int64_t K) { return std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K)); }
+
 // x fp32 [n, K] -> bf16 [n, K], round to nearest even (K % 32 == 0).
 void round_activations(const float* x, uint16_t* xb, int64_t n, int64_t K) { fastdecode::round_bf16_512(x, xb, n * K); }
 
@@ -193,8 +198,7 @@ void bf16_linear_amx_prepared(const std::function<void(int64_t, uint16_t*)>& pre
                               const float* bias, const float* residual, float* y, int64_t n, int64_t K, int64_t N) {
   at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
   auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
-  const int64_t count = (N / kRows + 1) / 2;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
+  const int64_t count = unit_count(N), grain = unit_grain(n, K);
   [[maybe_unused]] const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / grain);
 #ifdef _OPENMP
   if (threads > 1 && !at::in_parallel_region()) {
@@ -225,8 +229,7 @@ void bf16_linear_amx_topk(const float* x, const uint16_t* packed, float* y, int6
   at::Tensor xb_t = at::empty({n * K}, at::TensorOptions().dtype(at::kBFloat16));
   auto* xb = reinterpret_cast<uint16_t*>(xb_t.data_ptr());
   round_activations(x, xb, n, K);
-  const int64_t count = (N / kRows + 1) / 2;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
+  const int64_t count = unit_count(N), grain = unit_grain(n, K);
   std::vector<RowTop> tops(at::get_num_threads());
   std::vector<int64_t> firsts(tops.size(), -1);  // each thread's first unit: the lists' column order
   for (RowTop& top : tops) top.reset(n, k);
@@ -251,8 +254,7 @@ void bf16_linear_amx_topk(const float* x, const uint16_t* packed, float* y, int6
 
 void bf16_linear_amx_rounded(const uint16_t* xb, const uint16_t* packed, const float* bias, const float* residual,
                              float* y, int64_t n, int64_t K, int64_t N) {
-  const int64_t count = (N / kRows + 1) / 2;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / (2 * kRows * n * K));
+  const int64_t count = unit_count(N), grain = unit_grain(n, K);
   at::parallel_for(0, count, grain, [&](int64_t u0, int64_t u1) { units(xb, packed, y, bias, residual, K, N, n, u0, u1); });
 }
 

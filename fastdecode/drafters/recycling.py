@@ -274,11 +274,9 @@ class TokenRecycling:
         return order
 
     def _race(self, token: int, index: int) -> list[int]:
-        params, op = self.sampler.params, race_orders_op()
-        if op is not None:
-            successors, logits, _ = self._tensors()
-            return op(successors, logits, [token], [index], params.temperature, params.top_k, params.top_p,
-                      int64_seed(self.sampler.seed))
+        if race_orders_op() is not None:
+            return self._native_race_orders([(token, index)])[0]
+        params = self.sampler.params
         known = self.successors[token] != UNKNOWN
         if not known.any():
             return list(range(self.k))
@@ -310,12 +308,14 @@ class TokenRecycling:
     def _race_orders(self, pairs: list[tuple[int, int]]) -> list[list[int]]:
         """_race_order for several (token, output index) pairs: one native call for those propose()
         did not already order."""
-        op = race_orders_op()
         missing = [pair for pair in pairs if pair not in self._orders]
-        if op is not None and missing:
-            params, (successors, logits, _) = self.sampler.params, self._tensors()
-            flat = op(successors, logits, [t for t, _ in missing], [i for _, i in missing], params.temperature,
-                      params.top_k, params.top_p, int64_seed(self.sampler.seed))
-            for n, pair in enumerate(missing):
-                self._orders[pair] = flat[n * self.k : (n + 1) * self.k]
+        if race_orders_op() is not None and missing:
+            self._orders.update(zip(missing, self._native_race_orders(missing)))
         return [self._race_order(*pair) for pair in pairs]
+
+    def _native_race_orders(self, pairs: list[tuple[int, int]]) -> list[list[int]]:
+        """The race orders of (token, output index) pairs in one call of the native op (which must exist)."""
+        params, (successors, logits, _) = self.sampler.params, self._tensors()
+        flat = race_orders_op()(successors, logits, [t for t, _ in pairs], [i for _, i in pairs], params.temperature,
+                                params.top_k, params.top_p, int64_seed(self.sampler.seed))
+        return [flat[n * self.k : (n + 1) * self.k] for n in range(len(pairs))]
