@@ -160,3 +160,38 @@ def test_deeper_head_trees_keep_ar_output(tiny_llm, monkeypatch, temperature: fl
     assert max(depths) == 3
     with pytest.raises(ValueError, match="depth=0"):
         HeadDrafter(tiny_llm.model, tiny_llm.load_draft_head(), depth=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@torch.inference_mode()
+def test_the_one_call_head_step_gives_the_module_path_bits(tiny_llama_dir, tiny_head, dtype: str) -> None:
+    """DraftHead.first_guess (csrc/layer.cpp's head_step, what `propose` runs at one depth) must give
+    bit for bit the state, K/V and top columns that the module path (target norm, embedding, `forward`,
+    `logits`, topk) gives, over a cache holding earlier rows."""
+    llm = LLM(str(tiny_llama_dir), dtype=dtype, draft_head=str(tiny_head[3]))
+    model, head = llm.model, llm.load_draft_head()
+    ids = llm.tokenizer.encode("the cat sat on the mat and then the dog came by")
+    n, cached = len(ids), 5
+    model(torch.tensor(ids), torch.arange(n), model.new_cache())
+    hidden = model.hidden.clone()
+    tokens = ids[1:] + [ids[0]]
+
+    def cache_with_earlier_rows():
+        cache = HeadDrafter(model, head).cache
+        cache.k.zero_()
+        cache.v.zero_()
+        head(model.norm(hidden[:cached]), model.embed.weight[tokens[:cached]].float(), model.rope[:cached], cache, None)
+        cache.append(cached)
+        return cache
+
+    fused, plain = cache_with_earlier_rows(), cache_with_earlier_rows()
+    got = head.first_guess(model, hidden[cached:], tokens[cached:], slice(cached, n), fused, 4)
+    assert got is not None  # the kernels are built wherever the tests run
+    states = head(model.norm(hidden[cached:]), model.embed.weight[tokens[cached:]].float(), model.rope[cached:n], plain,
+                  None)
+    logits = head.logits(states[-1:])[0]
+    assert torch.equal(got[0], states[-1:])
+    assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
+    values = logits.tolist()
+    want = sorted(range(len(values)), key=lambda j: (-values[j], j))[:4]
+    assert got[1] == want

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -292,6 +293,61 @@ at::Tensor layer_batch(const at::Tensor& x, const at::Tensor& attn_norm, const a
   return linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down", h);
 }
 
+
+// A draft head's call (drafters/head.py, HeadDrafter.propose at one depth) in one native call:
+//   feats = rms_norm(hidden, target_norm)      the target's last hidden states of the new rows
+//   x = fc([feats | embed[tokens]])            joined with the embeddings of the tokens after them
+//   s = rms_norm(layer(x), head_norm)          the head's decoder layer over its own cache (layer 0)
+// Returns (s's last row [1, d], the k best columns of lm(that row) [k] int64, value descending and
+// the lower column first among equals, as top_insert ranks). The same functions as the module by
+// module path (RMSNorm, Linear and Block call these kernels), so the same bits. Why: that path made
+// ~12 torch calls a step (norm, gather, cat, fc, layer, norm, LM head, topk), each cold after the
+// target's forward: ~0.4 ms of Python and dispatch beside the head's ~0.5 ms of weights (README).
+std::tuple<at::Tensor, at::Tensor> head_step(
+    const at::Tensor& hidden, const at::Tensor& target_norm, double target_eps, const at::Tensor& embed,
+    c10::IntArrayRef tokens, const Spec& fc, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
+    const Spec& qkv, const Spec& o, const Spec& gate_up, const Spec& down, const at::Tensor& cache_k,
+    const at::Tensor& cache_v, int64_t length, const at::Tensor& rot, int64_t heads, int64_t kv_heads,
+    const at::Tensor& head_norm, const Spec& lm, int64_t k) {
+  check_rows(hidden, "hidden");
+  const int64_t m = hidden.size(0), d = hidden.size(1);
+  TORCH_CHECK(m > 0 && static_cast<int64_t>(tokens.size()) == m, "head_step: ", m, " hidden rows need as many tokens, got ",
+              tokens.size());
+  TORCH_CHECK(embed.dim() == 2 && embed.size(1) == d && embed.is_contiguous() &&
+                  (embed.scalar_type() == at::kBFloat16 || embed.scalar_type() == at::kFloat),
+              "head_step: embed must be a contiguous bfloat16 or float32 [vocab, ", d, "], got ", embed.scalar_type(), " ",
+              embed.sizes());
+  TORCH_CHECK(k > 0, "head_step: k must be positive, got ", k);
+  const at::Tensor feats = rms_norm(hidden, target_norm, target_eps);
+  at::Tensor joined = at::empty({m, 2 * d}, hidden.options());
+  float* jp = joined.data_ptr<float>();
+  for (int64_t t = 0; t < m; ++t) {
+    const int64_t token = tokens[t];
+    TORCH_CHECK(0 <= token && token < embed.size(0), "head_step: token ", token, " is outside [0, ", embed.size(0), ")");
+    std::copy_n(feats.data_ptr<float>() + t * d, d, jp + t * 2 * d);
+    float* e = jp + t * 2 * d + d;
+    if (embed.scalar_type() == at::kFloat) {
+      std::copy_n(embed.data_ptr<float>() + token * d, d, e);
+    } else {  // bf16 -> fp32 is the bits shifted up: exact, what torch's .float() gives
+      const auto* src = reinterpret_cast<const uint16_t*>(embed.data_ptr<at::BFloat16>()) + token * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+        std::memcpy(e + i, &bits, sizeof bits);
+      }
+    }
+  }
+  const at::Tensor h = layer(linear(joined, fc, "fc"), attn_norm, mlp_norm, eps, qkv, o, gate_up, down, cache_k, cache_v,
+                             0, length, rot, std::nullopt, heads, kv_heads);
+  const at::Tensor state = rms_norm(h.narrow(0, m - 1, 1).contiguous(), head_norm, eps);
+  const at::Tensor logits = linear(state, lm, "lm");
+  const int64_t cols = logits.size(1), kk = std::min(k, cols);
+  at::Tensor top = at::empty({kk}, hidden.options().dtype(at::kLong));
+  std::vector<float> vals(kk);
+  int64_t count = 0;
+  const float* lp = logits.data_ptr<float>();
+  for (int64_t j = 0; j < cols; ++j) top_insert(lp[j], j, kk, count, top.data_ptr<int64_t>(), vals.data());
+  return {state, top.narrow(0, 0, count)};
+}
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
@@ -305,6 +361,10 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("layer_batch(Tensor x, Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, "
         "Tensor?[] gate_up, Tensor?[] down, Tensor(a!)[] caches_k, Tensor(b!)[] caches_v, int layer, int[] lengths, "
         "Tensor[] rots, Tensor?[] masks, int[] starts, int heads, int kv_heads) -> Tensor");
+  m.def("head_step(Tensor hidden, Tensor target_norm, float target_eps, Tensor embed, int[] tokens, Tensor?[] fc, "
+        "Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, Tensor?[] gate_up, Tensor?[] down, "
+        "Tensor(a!) cache_k, Tensor(b!) cache_v, int length, Tensor rot, int heads, int kv_heads, Tensor head_norm, "
+        "Tensor?[] lm, int k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
@@ -313,4 +373,5 @@ TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {
   m.impl("layer", &fastdecode::layer);
   m.impl("layers", &fastdecode::layers);
   m.impl("layer_batch", &fastdecode::layer_batch);
+  m.impl("head_step", &fastdecode::head_step);
 }

@@ -34,7 +34,7 @@ from fastdecode.config import ModelConfig
 from fastdecode.drafters.base import DraftRequest, DrafterEnv, StepResult
 from fastdecode.kv_cache import KVCache
 from fastdecode.model import Block, Linear, RMSNorm, Transformer, fuse_hf_state, into_huge_pages, pack_linears_amx
-from fastdecode.kernels import amx_bf16, attention_op
+from fastdecode.kernels import amx_bf16, attention_op, layer_ops
 from fastdecode.tree import DraftTree
 
 FORMAT = "fastdecode-draft-head-1"
@@ -74,6 +74,23 @@ class DraftHead(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.lm(states)
+
+    def first_guess(self, target: Transformer, hidden: torch.Tensor, tokens: list[int], positions: slice,
+                    cache: KVCache, k: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The head over new rows (the target's hidden states `hidden` before its final norm, the tokens
+        that followed them) and its k likeliest next columns after the last, in one native call
+        (csrc/layer.cpp's head_step: the bits `forward` and `logits` give); their K/V are left
+        pending in `cache`. (last row's state [1, d], columns best first), or None without the kernels."""
+        ops = layer_ops()
+        if ops is None or attention_op() is None or hidden.dtype != torch.float32:
+            return None
+        b = self.block
+        cache.check_room(len(tokens))
+        state, top = ops.head_step(
+            hidden.contiguous(), target.norm.weight, target.norm.eps, target.embed.weight, tokens, self.fc.spec(),
+            *b.native_weights(), cache.k, cache.v, cache.length, torch.view_as_real(target.rope[positions]),
+            b.n_heads, b.n_kv, self.norm.weight, self.lm.spec(), k)
+        return state, top.tolist()
 
 
 def load_head(path: str | Path, target: Transformer, dtype: torch.dtype) -> DraftHead:
@@ -151,7 +168,14 @@ class HeadDrafter:
             return DraftTree()
         if self.cache.length + len(tokens) + self.depth * FRONTIER > self.cache.max_len:
             self.cache.truncate(0)  # the head's cache is full: its context starts again
-        states = self._run(self.target.norm(hidden), tokens, slice(first, first + len(tokens)), None)
+        positions = slice(first, first + len(tokens))
+        if min(self.depth, budget) == 1:  # one depth (the default): the root's likeliest children, best first
+            k = min(TOP_K, budget, len(self.vocab))
+            guess = self.head.first_guess(self.target, hidden, tokens, positions, self.cache, k)
+            if guess is not None:
+                self.cache.append(len(tokens))
+                return DraftTree([self.vocab[i] for i in guess[1]], [-1] * len(guess[1]))
+        states = self._run(self.target.norm(hidden), tokens, positions, None)
         self.cache.append(len(tokens))
         committed = self.cache.length
         try:
