@@ -103,31 +103,61 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
+def _gguf_contents(path: Path) -> tuple[dict[str, Any], list[tuple[str, Any, np.ndarray]]]:
+    """(metadata, [(tensor name, quant type, its stored data as a read-only view of the file)]).
+
+    gguf's reader parses every field of the file first, the tokenizer's ~100,000 strings among
+    them (~4-5 s for SmolLM2-135M); the metadata and where each tensor lies (its data's dtype,
+    shape and offset, as the reader found them) are cached as JSON beside the tokenizer, so a
+    later load maps the tensors straight from the file (the cache key changes with the file)."""
+    import gguf
+
+    index_file = cache_root() / "gguf-index" / f"{file_key(path)}.json"
+    try:
+        index = json.loads(index_file.read_text())
+        tensors = [(name, gguf.GGMLQuantizationType(kind), np.memmap(path, dtype=np.dtype(dtype), mode="r",
+                                                                     offset=offset, shape=tuple(shape)))
+                   for name, kind, dtype, shape, offset in index["tensors"]]
+        return index["meta"], tensors
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no index yet, or an unreadable one: parse the file (and write the index)
+    reader = gguf.GGUFReader(str(path))
+    meta = _gguf_metadata(reader)
+    tensors = [(t.name, t.tensor_type, t.data) for t in reader.tensors]
+    index = {"meta": meta, "tensors": [[t.name, int(t.tensor_type), t.data.dtype.str, list(t.data.shape),
+                                        int(t.data_offset)] for t in reader.tensors]}
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        index_file.write_text(json.dumps(index))
+    except (OSError, TypeError, ValueError):
+        pass  # a read-only home, or metadata JSON cannot hold: parsed again next time
+    return meta, tensors
+
+
 def _load_gguf(path: Path, blocks: dict[str, Blocks] | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    meta = _gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
+    meta, tensors = _gguf_contents(path)
+    names = {name for name, _, _ in tensors}
     config = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names)
     state: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    for tensor_name, tensor_type, data in tensors:
         try:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = gguf.quants.dequantize(data, tensor_type)
         except NotImplementedError as exc:
             raise ValueError(
-                f"{path.name}: tensor {tensor.name} has quant type {tensor.tensor_type.name}, "
+                f"{path.name}: tensor {tensor_name} has quant type {tensor_type.name}, "
                 f"which the gguf package cannot dequantize"
             ) from exc
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor_name)
         rope = re.search(r"\b([qk])_proj\.(weight|bias)$", name)
         heads = None if rope is None else config.num_heads if rope.group(1) == "q" else config.num_kv_heads
         if heads is not None:
             values = _unpermute_rope(values, heads)
         state[name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy, not a view of the mmap
-        kind = tensor.tensor_type.name.lower()
+        kind = tensor_type.name.lower()
         if blocks is not None and kind in ("q4_1", "q8_0") and values.ndim == 2:
-            b = from_gguf(tensor.data, kind, rows=values.shape[0])
+            b = from_gguf(data, kind, rows=values.shape[0])
             if heads is not None:
                 b = b.rows(lambda t, h=heads: torch.from_numpy(np.ascontiguousarray(_unpermute_rope(t.numpy(), h))))
             blocks[name] = b
@@ -150,8 +180,8 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def cache_root() -> Path:
-    """Where fastdecode keeps what it derives from a model once (tokenizers, cost curves,
-    recycling tables): $FASTDECODE_CACHE, default ~/.cache/fastdecode."""
+    """Where fastdecode keeps what it derives from a model once (tokenizers, GGUF indexes, cost
+    curves, recycling tables): $FASTDECODE_CACHE, default ~/.cache/fastdecode."""
     return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
 
 

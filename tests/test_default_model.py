@@ -102,3 +102,36 @@ def test_low_precision_methods_equal_ar_exactly(dtype: str) -> None:
         ar = llm.generate(ids, params, method="ar")[0].token_ids
         for method in ("pld", "recycling", "auto"):
             assert llm.generate(ids, params, method=method)[0].token_ids == ar, (dtype, method, prompt)
+
+
+def test_a_gguf_files_index_is_cached_and_follows_the_file(tmp_path, monkeypatch) -> None:
+    """The first load parses the GGUF file with gguf's reader and caches its metadata and where each
+    tensor lies; a later load maps the same bytes without the reader; a changed file is parsed again."""
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    from fastdecode import weights
+    from fastdecode.weights import default_model_path
+
+    monkeypatch.setenv("FASTDECODE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(default_model_path(), path)
+    meta, tensors = weights._gguf_contents(path)
+    assert meta["general.architecture"] == "llama" and len(tensors) > 100
+    assert len(list((tmp_path / "cache" / "gguf-index").glob("*.json"))) == 1
+
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("the index should spare the reader"))
+    meta2, tensors2 = weights._gguf_contents(path)
+    assert meta2 == json.loads(json.dumps(meta))  # as JSON keeps it
+    assert [(n, t) for n, t, _ in tensors2] == [(n, t) for n, t, _ in tensors]
+    for (_, _, a), (_, _, b) in zip(tensors, tensors2):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+    os.utime(path, ns=(0, 0))  # the file "changed": its key is another, so the reader runs again
+    calls = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: calls.append(1) or real(*a, **k))
+    weights._gguf_contents(path)
+    assert calls == [1]
