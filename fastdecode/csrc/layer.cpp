@@ -293,7 +293,6 @@ at::Tensor layer_batch(const at::Tensor& x, const at::Tensor& attn_norm, const a
   return linear(silu_mul(linear(rms_norm(h, mlp_norm, eps), gate_up, "gate_up")), down, "down", h);
 }
 
-
 // A draft head's call (drafters/head.py, HeadDrafter.propose at one depth) in one native call:
 //   feats = rms_norm(hidden, target_norm)      the target's last hidden states of the new rows
 //   x = fc([feats | embed[tokens]])            joined with the embeddings of the tokens after them
@@ -301,14 +300,15 @@ at::Tensor layer_batch(const at::Tensor& x, const at::Tensor& attn_norm, const a
 // Returns (s's last row [1, d], the k best columns of lm(that row) [k] int64, value descending and
 // the lower column first among equals, as top_insert ranks). The same functions as the module by
 // module path (RMSNorm, Linear and Block call these kernels), so the same bits. Why: that path made
-// ~12 torch calls a step (norm, gather, cat, fc, layer, norm, LM head, topk), each cold after the
-// target's forward: ~0.4 ms of Python and dispatch beside the head's ~0.5 ms of weights (README).
+// ~12 torch calls a step (norm, gather, cat, fc, layer, norm, LM head, topk), each slow while cold
+// after the target's forward: in place the call went 0.76 -> 0.66 ms (median), the rest being the
+// head's 13 MB of weights arriving from memory (README, session of 2026-12-08).
 std::tuple<at::Tensor, at::Tensor> head_step(
     const at::Tensor& hidden, const at::Tensor& target_norm, double target_eps, const at::Tensor& embed,
     c10::IntArrayRef tokens, const Spec& fc, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps,
     const Spec& qkv, const Spec& o, const Spec& gate_up, const Spec& down, const at::Tensor& cache_k,
     const at::Tensor& cache_v, int64_t length, const at::Tensor& rot, int64_t heads, int64_t kv_heads,
-    const at::Tensor& head_norm, const Spec& lm, int64_t k) {
+    const at::Tensor& head_norm, double head_eps, const Spec& lm, int64_t k) {
   check_rows(hidden, "hidden");
   const int64_t m = hidden.size(0), d = hidden.size(1);
   TORCH_CHECK(m > 0 && static_cast<int64_t>(tokens.size()) == m, "head_step: ", m, " hidden rows need as many tokens, got ",
@@ -338,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> head_step(
   }
   const at::Tensor h = layer(linear(joined, fc, "fc"), attn_norm, mlp_norm, eps, qkv, o, gate_up, down, cache_k, cache_v,
                              0, length, rot, std::nullopt, heads, kv_heads);
-  const at::Tensor state = rms_norm(h.narrow(0, m - 1, 1).contiguous(), head_norm, eps);
+  const at::Tensor state = rms_norm(h.narrow(0, m - 1, 1).contiguous(), head_norm, head_eps);
   const at::Tensor logits = linear(state, lm, "lm");
   const int64_t cols = logits.size(1), kk = std::min(k, cols);
   at::Tensor top = at::empty({kk}, hidden.options().dtype(at::kLong));
@@ -348,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor> head_step(
   for (int64_t j = 0; j < cols; ++j) top_insert(lp[j], j, kk, count, top.data_ptr<int64_t>(), vals.data());
   return {state, top.narrow(0, 0, count)};
 }
+
 }  // namespace fastdecode
 
 TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
@@ -364,7 +365,7 @@ TORCH_LIBRARY_FRAGMENT(fastdecode_kernels, m) {
   m.def("head_step(Tensor hidden, Tensor target_norm, float target_eps, Tensor embed, int[] tokens, Tensor?[] fc, "
         "Tensor attn_norm, Tensor mlp_norm, float eps, Tensor?[] qkv, Tensor?[] o, Tensor?[] gate_up, Tensor?[] down, "
         "Tensor(a!) cache_k, Tensor(b!) cache_v, int length, Tensor rot, int heads, int kv_heads, Tensor head_norm, "
-        "Tensor?[] lm, int k) -> (Tensor, Tensor)");
+        "float head_eps, Tensor?[] lm, int k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastdecode_kernels, CPU, m) {

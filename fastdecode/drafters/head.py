@@ -89,7 +89,7 @@ class DraftHead(nn.Module):
         state, top = ops.head_step(
             hidden.contiguous(), target.norm.weight, target.norm.eps, target.embed.weight, tokens, self.fc.spec(),
             *b.native_weights(), cache.k, cache.v, cache.length, torch.view_as_real(target.rope[positions]),
-            b.n_heads, b.n_kv, self.norm.weight, self.lm.spec(), k)
+            b.n_heads, b.n_kv, self.norm.weight, self.norm.eps, self.lm.spec(), k)
         return state, top.tolist()
 
 
