@@ -135,3 +135,24 @@ def test_a_gguf_files_index_is_cached_and_follows_the_file(tmp_path, monkeypatch
     monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: calls.append(1) or real(*a, **k))
     weights._gguf_contents(path)
     assert calls == [1]
+
+
+def test_the_loaders_dequantization_is_ggufs_on_every_quantized_tensor() -> None:
+    """The GGUF loader dequantizes Q4_1 / Q8_0 matrices with fastdecode's blocks (faster than gguf's
+    numpy code): on every such tensor of the default model the numbers must be gguf's, bit for bit."""
+    import gguf
+    import numpy as np
+
+    from fastdecode import weights
+    from fastdecode.quant import from_gguf
+    from fastdecode.weights import default_model_path
+
+    _, tensors = weights._gguf_contents(Path(default_model_path()))
+    kinds = set()
+    for name, kind, data in tensors:
+        if kind.name.lower() in ("q4_1", "q8_0"):
+            kinds.add(kind.name)
+            want = np.asarray(gguf.quants.dequantize(data, kind), dtype=np.float32)
+            got = from_gguf(data, kind.name.lower(), rows=data.shape[0]).dequantize().numpy()
+            assert np.array_equal(got, want), name
+    assert kinds == {"Q4_1", "Q8_0"}

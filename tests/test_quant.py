@@ -136,7 +136,7 @@ def test_int4_uses_the_gguf_files_own_blocks() -> None:
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     q = LLM(path, dtype="int4", max_model_len=256)
-    ref = LLM(path, dtype="float32", max_model_len=256)  # the file's weights, dequantized by gguf
+    ref = LLM(path, dtype="float32", max_model_len=256)  # the file's weights, dequantized as loaded
     for name in ("blocks.0.qkv", "blocks.7.gate_up", "blocks.29.down", "lm_head"):
         got, want = q.model.get_submodule(name), ref.model.get_submodule(name)
         assert got.kind == ("q8_0" if name == "lm_head" else "q4_1")
