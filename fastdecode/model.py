@@ -259,14 +259,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
         self.cfg = cfg
-        # loaded weights replace it: no random init (0.27 s of every load for SmolLM2's 28 M entries)
+        # no random init (the loaded weights replace it): on the meta device (build_model) its normal_
+        # went through torch's Python decompositions, whose first use cost ~0.6-1.3 s a process
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
         self._stacks: dict[tuple[int, ...], tuple[Any, ...]] = {}  # _stacked(), per layer set
-        self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
+        with torch.device("cpu"):  # real numbers even when built on the meta device (build_model)
+            self.register_buffer("rope", rope_table(cfg, max_len), persistent=False)
         # the last `forward`'s final hidden states, before the norm, every row (the `head` drafter
         # reads them); None after a batched forward
         self.hidden: torch.Tensor | None = None
@@ -462,7 +464,6 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(cfg, max_len)
     model.load_hf_state(state, MATRIX_DTYPES[dtype])
-    model.rope = rope_table(cfg, max_len)
     model.kv_dtype = kv_cache_dtype(dtype, cfg.head_dim)
     if dtype in QUANT_DTYPES:
         _quantize_linears(model, QUANT_DTYPES[dtype], blocks or {})
