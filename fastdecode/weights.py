@@ -115,8 +115,13 @@ def _gguf_contents(path: Path) -> tuple[dict[str, Any], list[tuple[str, Any, np.
     index_file = cache_root() / "gguf-index" / f"{file_key(path)}.json"
     try:
         index = json.loads(index_file.read_text())
-        tensors = [(name, gguf.GGMLQuantizationType(kind), np.memmap(path, dtype=np.dtype(dtype), mode="r",
-                                                                     offset=offset, shape=tuple(shape)))
+        whole = np.memmap(path, dtype=np.uint8, mode="r")  # one mapping, each tensor a view of it (as the reader does)
+
+        def view(dtype: str, shape: list[int], offset: int) -> np.ndarray:
+            dt = np.dtype(dtype)
+            return whole[offset : offset + dt.itemsize * int(np.prod(shape))].view(dt).reshape(shape)
+
+        tensors = [(name, gguf.GGMLQuantizationType(kind), view(dtype, shape, offset))
                    for name, kind, dtype, shape, offset in index["tensors"]]
         return index["meta"], tensors
     except (OSError, ValueError, KeyError, TypeError):
