@@ -23,11 +23,13 @@ ranking is if anything better informed than in decoding. The per-node cost model
 drafting's own time (the same for every ranking).
 
     python scripts/draft_ranking.py --skip 12 --limit 6 [--draft-head head.safetensors] [--node-cost 0.03]
+    python scripts/draft_ranking.py --load pools.pkl --node-cost 0.02   # re-score saved pools (--save)
 """
 from __future__ import annotations
 
 import argparse
 import math
+import pickle
 from collections import defaultdict
 
 import numpy as np
@@ -197,10 +199,19 @@ def main() -> None:
     ap.add_argument("--draft-head", default=None, help="a trained head (fastdecode train-head): `auto` takes it as a member")
     ap.add_argument("--node-cost", type=float, default=0.03,
                     help="a tree node's cost in a forward, as a share of a one-token forward (the modeled speed)")
+    ap.add_argument("--save", default=None, help="write the recorded pools to this file (pickle)")
+    ap.add_argument("--load", default=None, help="score pools saved by --save instead of decoding")
     args = ap.parse_args()
     if args.temperature <= 0:
         ap.error("--temperature must be > 0: the script measures sampled acceptance")
-    requests = record(args)
+    if args.load:
+        with open(args.load, "rb") as f:
+            requests = pickle.load(f)
+    else:
+        requests = record(args)
+    if args.save:
+        with open(args.save, "wb") as f:
+            pickle.dump(requests, f)
     train, test = requests[::2], requests[1::2]
     rows = [r for request in train for step in request for r in step["rows"]]
     model = fit_logistic(np.array([r["x"] for r in rows]), np.array([r["y"] for r in rows])) if rows else None
