@@ -166,10 +166,10 @@ def evaluate(requests: list[list[dict]], model, node_cost: float) -> None:
                 gained = np.cumsum([0.0] + [true[i] for i in order])
                 guessed = np.cumsum([0.0] + [score[i] for i in order])
                 cost = 1 + node_cost * np.arange(n + 1)
+                if name in ("auto", "oracle"):  # both at the size auto chose
+                    sums[f"{name} at auto size"] += gained[step["k"]]
                 if name == "auto":
-                    sums["auto at its size"] += gained[step["k"]]
                     sums["nodes auto at its size"] += step["k"]
-                    sums["oracle at auto size"] += np.sort(true)[::-1][: step["k"]].sum()
                 for k in SIZES:
                     sums[f"{name} {k}"] += gained[min(k, n)]
                 for sizer, k in (("own", int(np.argmax((1 + guessed) / cost))),
@@ -178,7 +178,7 @@ def evaluate(requests: list[list[dict]], model, node_cost: float) -> None:
                     sums[f"{name} {sizer} cost"] += 1 + node_cost * k
                     sums[f"{name} {sizer} nodes"] += k
     print(f"  {steps} steps; auto drafted {sums['nodes auto at its size'] / steps:.2f} nodes a step: expected tau "
-          f"{1 + sums['auto at its size'] / steps:.3f}, the oracle's ranking at those sizes "
+          f"{1 + sums['auto at auto size'] / steps:.3f}, the oracle's ranking at those sizes "
           f"{1 + sums['oracle at auto size'] / steps:.3f}")
     names = [name for name in ("auto", "model", "oracle") if f"{name} 4" in sums]
     print("  expected tau at a fixed size: " + "; ".join(
